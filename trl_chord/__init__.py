@@ -1,0 +1,12 @@
+"""CHORD for TRL: on-policy GRPO mixed with an SFT term on expert demonstrations (arXiv 2508.11408)."""
+
+from .callbacks import ChordMuCallback
+from .chord_config import ChordConfig
+from .chord_trainer import ChordTrainer
+from .losses import expert_sft_loss, phi_token_weights
+from .schedule import chord_mu
+
+
+__version__ = "0.1.0"
+
+__all__ = ["ChordConfig", "ChordMuCallback", "ChordTrainer", "chord_mu", "expert_sft_loss", "phi_token_weights"]

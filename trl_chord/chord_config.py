@@ -1,0 +1,104 @@
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+
+@dataclass
+class ChordConfig(GRPOConfig):
+    r"""
+    Configuration class for [`ChordTrainer`].
+
+    CHORD (arXiv 2508.11408) trains on `(1 - mu) * L_GRPO + mu * L_SFT`: TRL's GRPO loss on the model's own rollouts
+    plus a supervised loss on expert answers from a separate dataset. [`ChordConfig`] inherits every parameter of
+    [`~trl.GRPOConfig`] and adds the `chord_*` parameters below, named as in ms-swift so that runs move over unchanged.
+    The defaults are the paper's CHORD-phi: a constant `mu = 0.1` with phi token weights.
+
+    `mu` at optimizer step `s` (0-based: the number of steps already completed), with `W = chord_mu_warmup_steps` and
+    `D = chord_mu_decay_steps`, is `peak * s / W` for `s < W`, then
+    `valley + (peak - valley) * 0.5 * (1 + cos(pi * (s - W) / D))` for `W <= s < W + D`, then `valley`. With
+    `W = D = 0` it is the constant `chord_mu_valley` (CHORD-phi). The paper's CHORD-mu for math uses peak 0.9,
+    valley 0.05, `W = 0`, `D = 200`.
+
+    Parameters:
+        > Parameters that control the mu schedule
+
+        chord_mu_peak (`float`, *optional*, defaults to `0.1`):
+            Weight of the SFT term at the end of the warm-up, where the cosine decay starts. In `[0, 1]`.
+        chord_mu_valley (`float`, *optional*, defaults to `0.1`):
+            Weight of the SFT term after the decay, and at every step when `chord_mu_warmup_steps` and
+            `chord_mu_decay_steps` are both 0. In `[0, 1]`.
+        chord_mu_warmup_steps (`int`, *optional*, defaults to `0`):
+            Number of optimizer steps of linear warm-up of `mu` from 0 to `chord_mu_peak`.
+        chord_mu_decay_steps (`int`, *optional*, defaults to `0`):
+            Number of optimizer steps of cosine decay of `mu` from `chord_mu_peak` to `chord_mu_valley`.
+
+        > Parameters that control the expert SFT term
+
+        chord_enable_phi_function (`bool`, *optional*, defaults to `True`):
+            Whether to weight each expert token's `-log p` by `phi = p * (1 - p)`, detached (CHORD-phi). `p` is the
+            policy's probability of the expert token at temperature 1.
+        chord_sft_per_device_train_batch_size (`int`, *optional*, defaults to `1`):
+            Number of expert examples in the SFT micro-batch drawn on each process at every GRPO micro-step.
+        chord_sft_max_length (`int`, *optional*, defaults to `1024`):
+            Maximum length in tokens of an expert example (prompt and completion together). Longer examples are cut
+            at the end of the completion; an example whose completion is cut away entirely is skipped and counted.
+    """
+
+    chord_mu_peak: float = field(
+        default=0.1,
+        metadata={"help": "Weight of the SFT term at the end of the warm-up, where the cosine decay starts. In [0, 1]."},
+    )
+    chord_mu_valley: float = field(
+        default=0.1,
+        metadata={
+            "help": "Weight of the SFT term after the decay, and at every step when chord_mu_warmup_steps and "
+            "chord_mu_decay_steps are both 0. In [0, 1]."
+        },
+    )
+    chord_mu_warmup_steps: int = field(
+        default=0,
+        metadata={"help": "Number of optimizer steps of linear warm-up of mu from 0 to chord_mu_peak."},
+    )
+    chord_mu_decay_steps: int = field(
+        default=0,
+        metadata={"help": "Number of optimizer steps of cosine decay of mu from chord_mu_peak to chord_mu_valley."},
+    )
+    chord_enable_phi_function: bool = field(
+        default=True,
+        metadata={
+            "help": "Whether to weight each expert token's -log p by phi = p * (1 - p), detached (CHORD-phi), with p "
+            "the policy's probability of the expert token at temperature 1."
+        },
+    )
+    chord_sft_per_device_train_batch_size: int = field(
+        default=1,
+        metadata={"help": "Number of expert examples in the SFT micro-batch drawn on each process at every GRPO micro-step."},
+    )
+    chord_sft_max_length: int = field(
+        default=1024,
+        metadata={
+            "help": "Maximum length in tokens of an expert example (prompt and completion). Longer examples are cut at "
+            "the end of the completion; an example whose completion is cut away entirely is skipped and counted."
+        },
+    )
+
+    def __post_init__(self):
+        for name in ("chord_mu_peak", "chord_mu_valley"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"`{name}` must be in [0, 1], got {value}.")
+        for name in ("chord_mu_warmup_steps", "chord_mu_decay_steps"):
+            value = getattr(self, name)
+            if value < 0:
+                raise ValueError(f"`{name}` must be a number of optimizer steps >= 0, got {value}.")
+        if self.chord_sft_per_device_train_batch_size < 1:
+            raise ValueError(
+                "`chord_sft_per_device_train_batch_size` must be >= 1 expert example per process, got "
+                f"{self.chord_sft_per_device_train_batch_size}."
+            )
+        if self.chord_sft_max_length < 2:
+            raise ValueError(
+                "`chord_sft_max_length` must be >= 2 tokens (a prompt token and a completion token), got "
+                f"{self.chord_sft_max_length}."
+            )
+        super().__post_init__()

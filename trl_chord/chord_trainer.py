@@ -1,0 +1,202 @@
+import functools
+import json
+import os
+import textwrap
+import types
+
+import torch
+from accelerate.utils import is_peft_model
+from transformers import PreTrainedModel
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging
+from trl import GRPOTrainer
+from trl.trainer.utils import add_fused_lm_head
+
+from .callbacks import ChordMuCallback
+from .chord_config import ChordConfig
+from .expert_data import ExpertSampler, collate_expert_batch, prepare_expert_dataset
+from .losses import expert_sft_loss
+from .schedule import chord_mu_is_ever_positive
+
+
+logger = logging.get_logger(__name__)
+
+CHORD_STATE_NAME = "chord_state.json"
+
+
+def add_untempered_expert_head(model: PreTrainedModel, cast_lm_head_to_fp32: bool) -> None:
+    """
+    Give `model` a second fused LM head, at temperature 1, reached with `model(..., chord_expert_logps=True)`.
+
+    GRPOTrainer's fused head divides the logits by the rollout `temperature`; the SFT term and phi use the untempered
+    distribution, as supervised fine-tuning does. Both heads run TRL's chunked kernel, so neither materializes the
+    `(batch, seq_len, vocab)` logits. Every other call goes to GRPOTrainer's forward unchanged.
+    """
+    grpo_forward = model.forward
+    add_fused_lm_head(model, temperature=1.0, cast_lm_head_to_fp32=cast_lm_head_to_fp32, outputs=("log_probs",))
+    untempered_forward = model.forward
+
+    # Keep the original signature: `generate` validates its model kwargs against it
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, chord_expert_logps=False, **kwargs):
+        if chord_expert_logps:
+            return untempered_forward(*args, fused_lm_head=True, **kwargs)
+        return grpo_forward(*args, **kwargs)
+
+    model.forward = types.MethodType(forward, model)
+
+
+class ChordTrainer(GRPOTrainer):
+    """
+    Trainer for CHORD (arXiv 2508.11408): GRPO on the model's own rollouts plus an SFT term on expert answers,
+    `loss = (1 - mu) * grpo_loss + mu * sft_loss` on every micro-step.
+
+    It takes every argument of [`~trl.GRPOTrainer`], plus `expert_dataset`. At each GRPO micro-step in training, each
+    process draws one micro-batch of `args.chord_sft_per_device_train_batch_size` expert examples from its own shard
+    and adds its SFT loss, scaled for gradient accumulation as GRPOTrainer scales its own. When `mu` is 0 for a step,
+    no expert forward pass runs. Evaluation loss stays GRPO's.
+
+    Args:
+        expert_dataset ([`~datasets.Dataset`], *optional*):
+            Expert demonstrations, in one of TRL's standard formats: `prompt`/`completion` (plain text or
+            conversational) or conversational `messages` (every assistant turn is trained), with an optional `tools`
+            column for the chat template. Needed whenever `mu > 0` at some step.
+    """
+
+    _tag_names = ["trl", "grpo", "chord"]
+    _name = "CHORD"
+    _paper = {
+        "title": "On-Policy RL Meets Off-Policy Experts: Harmonizing Supervised Fine-Tuning and Reinforcement Learning "
+        "via Dynamic Weighting",
+        "id": "2508.11408",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @article{zhang2025chord,
+                title        = {{On-Policy RL Meets Off-Policy Experts: Harmonizing Supervised Fine-Tuning and Reinforcement Learning via Dynamic Weighting}},
+                author       = {Wenhao Zhang and Yuexiang Xie and Yuchang Sun and Yanxi Chen and Guoyin Wang and Yaliang Li and Bolin Ding and Jingren Zhou},
+                year         = 2025,
+                eprint       = {arXiv:2508.11408},
+            }"""),
+    }
+
+    def __init__(self, model, reward_funcs=None, args: ChordConfig | None = None, *grpo_args, expert_dataset=None, **grpo_kwargs):
+        if args is None:
+            model_name = model if isinstance(model, str) else model.config._name_or_path
+            args = ChordConfig(f"{model_name.split('/')[-1]}-CHORD")
+        elif not isinstance(args, ChordConfig):
+            raise TypeError(
+                f"`args` must be a `ChordConfig` (a `GRPOConfig` with the chord_* options), got {type(args).__name__}. "
+                "Build it with `ChordConfig(**grpo_config.to_dict(), chord_...=...)`."
+            )
+        mu_ever_positive = chord_mu_is_ever_positive(
+            args.chord_mu_peak, args.chord_mu_valley, args.chord_mu_warmup_steps, args.chord_mu_decay_steps
+        )
+        if mu_ever_positive and expert_dataset is None:
+            raise ValueError(
+                "The CHORD schedule gives mu > 0 at some step (chord_mu_peak="
+                f"{args.chord_mu_peak}, chord_mu_valley={args.chord_mu_valley}), but no `expert_dataset` was given. "
+                "Pass `expert_dataset=...`, or set chord_mu_peak=chord_mu_valley=0 for plain GRPO."
+            )
+        if not mu_ever_positive and expert_dataset is not None:
+            logger.warning(
+                "mu is 0 at every step (chord_mu_peak and chord_mu_valley are 0), so the `expert_dataset` is never "
+                "used and this run is plain GRPO."
+            )
+            expert_dataset = None
+
+        super().__init__(model, reward_funcs, args, *grpo_args, **grpo_kwargs)
+
+        self.mu_callback = ChordMuCallback(
+            args.chord_mu_peak, args.chord_mu_valley, args.chord_mu_warmup_steps, args.chord_mu_decay_steps
+        )
+        self.add_callback(self.mu_callback)
+        self.expert_dataset = None
+        self.expert_sampler = None
+        if expert_dataset is not None:
+            with self.accelerator.main_process_first():
+                self.expert_dataset = prepare_expert_dataset(
+                    expert_dataset, self._tokenizer, max_length=args.chord_sft_max_length
+                )
+            self.expert_sampler = ExpertSampler(
+                len(self.expert_dataset),
+                batch_size=args.chord_sft_per_device_train_batch_size,
+                num_replicas=self.accelerator.num_processes,
+                rank=self.accelerator.process_index,
+                seed=args.seed,
+            )
+            add_untempered_expert_head(
+                self.model.get_base_model() if is_peft_model(self.model) else self.model,
+                cast_lm_head_to_fp32=args.cast_lm_head_to_fp32,
+            )
+
+    @property
+    def chord_mu(self) -> float:
+        """Weight of the SFT term for the current optimizer step."""
+        return self.mu_callback.mu
+
+    def _next_expert_batch(self) -> dict[str, torch.Tensor]:
+        examples = [self.expert_dataset[index] for index in self.expert_sampler.next_batch()]
+        batch = collate_expert_batch(examples, pad_token_id=self._tokenizer.pad_token_id)
+        return {name: tensor.to(self.accelerator.device) for name, tensor in batch.items()}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        grpo_loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if not self.model.training:
+            return grpo_loss
+
+        mu = self.chord_mu
+        # GRPOTrainer's loss is already divided by the accumulation steps; the logged terms are per micro-step
+        accumulation_steps = self.current_gradient_accumulation_steps
+        stats = [grpo_loss.detach() * accumulation_steps]
+        # mu depends only on the step, so every process makes the same choice here: no collective is left waiting
+        if mu > 0:
+            batch = self._next_expert_batch()
+            labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+            with self.accelerator.autocast():
+                outputs = model(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    labels=labels,
+                    chord_expert_logps=True,
+                )
+            expert = expert_sft_loss(outputs.log_probs, outputs.label_mask, self.args.chord_enable_phi_function)
+            loss = (1.0 - mu) * grpo_loss + mu * expert.loss / accumulation_steps
+            stats += [expert.loss.detach(), expert.nll_sum, expert.prob_sum, expert.weight_sum, expert.num_tokens]
+        else:
+            loss = grpo_loss
+
+        totals = self.accelerator.reduce(torch.stack([s.float() for s in stats]), reduction="sum").tolist()
+        num_processes = self.accelerator.num_processes
+        metrics = self._metrics["train"]
+        metrics["chord/mu"].append(mu)
+        metrics["chord/grpo_loss"].append(totals[0] / num_processes)
+        if mu > 0:
+            sft_loss, nll_sum, prob_sum, weight_sum, num_tokens = totals[1:]
+            metrics["chord/sft_loss"].append(sft_loss / num_processes)
+            metrics["chord/expert_nll"].append(nll_sum / max(num_tokens, 1.0))
+            metrics["chord/expert_token_prob"].append(prob_sum / max(num_tokens, 1.0))
+            metrics["chord/expert_tokens"].append(num_tokens)
+            if self.args.chord_enable_phi_function:
+                metrics["chord/phi_mean"].append(weight_sum / max(num_tokens, 1.0))
+        return loss
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.expert_sampler is not None and self.args.should_save:
+            checkpoint_folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            output_dir = os.path.join(self._get_output_dir(trial=trial), checkpoint_folder)
+            with open(os.path.join(output_dir, CHORD_STATE_NAME), "w") as file:
+                json.dump({"expert_sampler": self.expert_sampler.state_dict()}, file)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if self.expert_sampler is None or checkpoint is None:
+            return
+        path = os.path.join(checkpoint, CHORD_STATE_NAME)
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"Checkpoint {checkpoint} has no {CHORD_STATE_NAME}, so the expert data order cannot be resumed: it was "
+                "not written by a ChordTrainer with an expert dataset, or the save was interrupted."
+            )
+        with open(path) as file:
+            self.expert_sampler.load_state_dict(json.load(file)["expert_sampler"])

@@ -1,0 +1,206 @@
+"""Expert demonstrations for the CHORD SFT term: tokenization, the expert sampler and the collator."""
+
+import json
+from collections import Counter
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+from transformers.utils import logging
+from trl.data_utils import common_prefix_length, is_conversational
+
+
+logger = logging.get_logger(__name__)
+
+SKIP_EMPTY_COMPLETION = "empty completion"
+SKIP_TRUNCATED_AWAY = "completion truncated away"
+
+
+def expert_dataset_format(column_names: list[str]) -> str:
+    """`"prompt_completion"` or `"messages"`, from the columns of an expert dataset; a clear error for anything else."""
+    if "prompt" in column_names and "completion" in column_names:
+        return "prompt_completion"
+    if "messages" in column_names:
+        return "messages"
+    raise ValueError(
+        f"`expert_dataset` has columns {column_names}, but CHORD needs either `prompt` and `completion` (plain text "
+        "or conversational) or `messages` (conversational; the assistant turns are trained). An optional `tools` "
+        "column is passed to the chat template."
+    )
+
+
+def _load_tools(tools: Any, index: int) -> list | None:
+    if tools is None or isinstance(tools, list):
+        return tools
+    if isinstance(tools, str):
+        try:
+            return json.loads(tools)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"Expert example {index}: the `tools` column is not valid JSON ({error}).") from error
+    raise ValueError(f"Expert example {index}: `tools` must be a list or a JSON string, got {type(tools).__name__}.")
+
+
+def _chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list, tools: list | None, **kwargs) -> list[int]:
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True, **kwargs)["input_ids"]
+
+
+def tokenize_expert_example(
+    example: dict[str, Any], index: int, tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> dict[str, Any]:
+    """
+    Token ids of one expert example and a mask of the tokens the SFT term trains on.
+
+    - prompt/completion: the completion tokens are trained. Conversational examples go through the chat template
+      (the prompt with the generation prompt, then prompt + completion); plain-text ones are tokenized as
+      `prompt + completion` with the EOS token appended, so the model learns to stop as its rollouts do.
+    - messages: every assistant turn is trained, everything else is masked. Each turn's tokens are found by
+      rendering the conversation up to it, so any chat template that renders earlier turns unchanged works.
+
+    The sequence is cut at `max_length` tokens (the end of the completion is dropped). `skip_reason` is empty, or says
+    why the example carries nothing to train on.
+    """
+    tools = _load_tools(example.get("tools"), index)
+    if "messages" in example and not ("prompt" in example and "completion" in example):
+        messages = example["messages"]
+        input_ids = _chat_ids(tokenizer, messages, tools)
+        completion_mask = [0] * len(input_ids)
+        for turn, message in enumerate(messages):
+            if message.get("role") != "assistant":
+                continue
+            start = common_prefix_length(_chat_ids(tokenizer, messages[:turn], tools, add_generation_prompt=True), input_ids)
+            end = common_prefix_length(_chat_ids(tokenizer, messages[: turn + 1], tools), input_ids)
+            completion_mask[start:end] = [1] * (end - start)
+    elif is_conversational(example):
+        prompt_ids = _chat_ids(tokenizer, example["prompt"], tools, add_generation_prompt=True)
+        input_ids = _chat_ids(tokenizer, example["prompt"] + example["completion"], tools)
+        prompt_length = common_prefix_length(prompt_ids, input_ids)
+        completion_mask = [0] * prompt_length + [1] * (len(input_ids) - prompt_length)
+    else:
+        prompt_ids = tokenizer(text=example["prompt"])["input_ids"]
+        input_ids = tokenizer(text=example["prompt"] + example["completion"])["input_ids"]
+        prompt_length = common_prefix_length(prompt_ids, input_ids)
+        if len(input_ids) > prompt_length and tokenizer.eos_token_id is not None:
+            input_ids = input_ids + [tokenizer.eos_token_id]
+        completion_mask = [0] * prompt_length + [1] * (len(input_ids) - prompt_length)
+
+    # The first token has no prediction, so it never counts as a trained token
+    has_completion = any(completion_mask[1:])
+    input_ids, completion_mask = input_ids[:max_length], completion_mask[:max_length]
+    if not has_completion:
+        skip_reason = SKIP_EMPTY_COMPLETION
+    elif not any(completion_mask[1:]):
+        skip_reason = SKIP_TRUNCATED_AWAY
+    else:
+        skip_reason = ""
+    return {"input_ids": input_ids, "completion_mask": completion_mask, "skip_reason": skip_reason}
+
+
+def prepare_expert_dataset(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Dataset:
+    """
+    Validate and tokenize an expert dataset; returns the examples that carry tokens to train on.
+
+    Raises a `ValueError` for an empty dataset, missing columns, conversational data with a tokenizer that has no chat
+    template, or a dataset none of whose examples is left after skipping. Skipped examples (empty completion, or a
+    completion that the `max_length` cut removes entirely) are counted in a warning.
+    """
+    if not isinstance(dataset, Dataset):
+        raise TypeError(
+            f"`expert_dataset` must be a `datasets.Dataset` (map-style, so it can be sharded and reshuffled), got "
+            f"{type(dataset).__name__}."
+        )
+    if len(dataset) == 0:
+        raise ValueError("`expert_dataset` is empty: it needs at least one example per process.")
+    dataset_format = expert_dataset_format(dataset.column_names)
+    first = dataset[0]
+    if (dataset_format == "messages" or is_conversational(first)) and tokenizer.chat_template is None:
+        raise ValueError(
+            "`expert_dataset` is conversational, but the tokenizer (`processing_class`) has no chat template. Set "
+            "`processing_class.chat_template`, or give plain-text `prompt`/`completion` columns."
+        )
+    tokenized = dataset.map(
+        tokenize_expert_example,
+        with_indices=True,
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
+        remove_columns=dataset.column_names,
+        desc="Tokenizing expert dataset",
+    )
+    skipped = Counter(reason for reason in tokenized["skip_reason"] if reason)
+    if skipped:
+        logger.warning(
+            f"Skipped {sum(skipped.values())} of {len(dataset)} expert examples: "
+            + ", ".join(f"{count} with {reason}" for reason, count in sorted(skipped.items()))
+            + f" (max length {max_length} tokens, `chord_sft_max_length`)."
+        )
+    kept = tokenized.filter(lambda reason: reason == "", input_columns="skip_reason").remove_columns("skip_reason")
+    if len(kept) == 0:
+        raise ValueError(
+            f"Every one of the {len(dataset)} expert examples was skipped ("
+            + ", ".join(f"{count} with {reason}" for reason, count in sorted(skipped.items()))
+            + f"): nothing is left to train on. Check the completions, or raise `chord_sft_max_length` ({max_length})."
+        )
+    return kept
+
+
+class ExpertSampler:
+    """
+    Infinite, sharded and seeded stream of expert example indices, one micro-batch at a time.
+
+    Pass `e` over the data is the permutation `randperm(num_examples)` drawn from a generator seeded with
+    `seed + e`; process `rank` takes every `num_replicas`-th index of it, starting at `rank`. Within a pass the
+    processes see disjoint examples, and over its passes each process trains on each of its examples once per pass.
+    Micro-batches run across pass boundaries, so no process's stream ever runs dry. The state is the number of indices
+    already drawn, which is all a resumed run needs. The global RNG is never touched.
+    """
+
+    def __init__(self, num_examples: int, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0):
+        if num_examples < num_replicas:
+            raise ValueError(
+                f"The expert dataset has {num_examples} usable examples, fewer than the {num_replicas} processes: "
+                "each process needs at least one example of its own. Add expert examples or use fewer processes."
+            )
+        self.num_examples = num_examples
+        self.batch_size = batch_size
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = seed
+        self.shard_size = len(range(rank, num_examples, num_replicas))
+        self.examples_drawn = 0
+        self._shard_cache: tuple[int, list[int]] | None = None
+
+    def shard(self, epoch: int) -> list[int]:
+        """This process's indices for pass `epoch`, in the order they are drawn."""
+        if self._shard_cache is None or self._shard_cache[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            permutation = torch.randperm(self.num_examples, generator=generator)
+            self._shard_cache = (epoch, permutation[self.rank :: self.num_replicas].tolist())
+        return self._shard_cache[1]
+
+    def next_batch(self) -> list[int]:
+        indices: list[int] = []
+        while len(indices) < self.batch_size:
+            epoch, offset = divmod(self.examples_drawn, self.shard_size)
+            taken = self.shard(epoch)[offset : offset + self.batch_size - len(indices)]
+            indices.extend(taken)
+            self.examples_drawn += len(taken)
+        return indices
+
+    def state_dict(self) -> dict[str, int]:
+        return {"examples_drawn": self.examples_drawn}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.examples_drawn = int(state["examples_drawn"])
+
+
+def collate_expert_batch(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad tokenized expert examples into `input_ids`, `attention_mask` and `completion_mask` tensors."""
+    max_length = max(len(example["input_ids"]) for example in examples)
+    input_ids = torch.full((len(examples), max_length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), max_length), dtype=torch.long)
+    completion_mask = torch.zeros((len(examples), max_length), dtype=torch.long)
+    for row, example in enumerate(examples):
+        length = len(example["input_ids"])
+        input_ids[row, :length] = torch.tensor(example["input_ids"])
+        attention_mask[row, :length] = 1
+        completion_mask[row, :length] = torch.tensor(example["completion_mask"])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
