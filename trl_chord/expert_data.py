@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging
-from trl.data_utils import common_prefix_length, is_conversational
+from trl.data_utils import common_prefix_length
 
 
 logger = logging.get_logger(__name__)
@@ -41,6 +41,32 @@ def _load_tools(tools: Any, index: int) -> list | None:
     raise ValueError(f"Expert example {index}: `tools` must be a list or a JSON string, got {type(tools).__name__}.")
 
 
+def _check_messages(messages: Any, column: str, index: int) -> None:
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+        raise ValueError(
+            f"Expert example {index}: `{column}` must be a list of messages (dicts with `role` and `content`), got "
+            f"{type(messages).__name__}: {str(messages)[:80]!r}."
+        )
+
+
+def example_is_conversational(example: dict[str, Any], index: int) -> bool:
+    """Whether an expert example is conversational; a clear error for columns of the wrong type."""
+    if "prompt" in example and "completion" in example:
+        prompt, completion = example["prompt"], example["completion"]
+        if isinstance(prompt, str) and isinstance(completion, str):
+            return False
+        if isinstance(prompt, list) and isinstance(completion, list):
+            _check_messages(prompt, "prompt", index)
+            _check_messages(completion, "completion", index)
+            return True
+        raise ValueError(
+            f"Expert example {index}: `prompt` and `completion` must both be strings or both be lists of messages, "
+            f"got {type(prompt).__name__} and {type(completion).__name__}."
+        )
+    _check_messages(example["messages"], "messages", index)
+    return True
+
+
 def _chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list, tools: list | None, **kwargs) -> list[int]:
     return tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True, **kwargs)["input_ids"]
 
@@ -61,6 +87,7 @@ def tokenize_expert_example(
     why the example carries nothing to train on.
     """
     tools = _load_tools(example.get("tools"), index)
+    conversational = example_is_conversational(example, index)
     if "messages" in example and not ("prompt" in example and "completion" in example):
         messages = example["messages"]
         input_ids = _chat_ids(tokenizer, messages, tools)
@@ -71,7 +98,7 @@ def tokenize_expert_example(
             start = common_prefix_length(_chat_ids(tokenizer, messages[:turn], tools, add_generation_prompt=True), input_ids)
             end = common_prefix_length(_chat_ids(tokenizer, messages[: turn + 1], tools), input_ids)
             completion_mask[start:end] = [1] * (end - start)
-    elif is_conversational(example):
+    elif conversational:
         prompt_ids = _chat_ids(tokenizer, example["prompt"], tools, add_generation_prompt=True)
         input_ids = _chat_ids(tokenizer, example["prompt"] + example["completion"], tools)
         prompt_length = common_prefix_length(prompt_ids, input_ids)
@@ -112,8 +139,7 @@ def prepare_expert_dataset(dataset: Dataset, tokenizer: PreTrainedTokenizerBase,
     if len(dataset) == 0:
         raise ValueError("`expert_dataset` is empty: it needs at least one example per process.")
     dataset_format = expert_dataset_format(dataset.column_names)
-    first = dataset[0]
-    if (dataset_format == "messages" or is_conversational(first)) and tokenizer.chat_template is None:
+    if (dataset_format == "messages" or example_is_conversational(dataset[0], 0)) and tokenizer.chat_template is None:
         raise ValueError(
             "`expert_dataset` is conversational, but the tokenizer (`processing_class`) has no chat template. Set "
             "`processing_class.chat_template`, or give plain-text `prompt`/`completion` columns."

@@ -1,0 +1,59 @@
+import torch
+
+from trl_chord import expert_sft_loss, phi_token_weights
+
+
+def _example(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(3, 5, 11, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, 11, (3, 5), generator=generator)
+    mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    return logits, labels, mask
+
+
+def _logps(logits, labels):
+    return logits.log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def test_plain_loss_is_token_mean_cross_entropy():
+    logits, labels, mask = _example()
+    out = expert_sft_loss(_logps(logits, labels), mask, use_phi=False)
+    expected = torch.nn.functional.cross_entropy(logits[mask.bool()], labels[mask.bool()])
+    torch.testing.assert_close(out.loss, expected)
+    assert out.num_tokens.item() == mask.sum().item()
+    torch.testing.assert_close(out.weight_sum, mask.sum().to(out.weight_sum.dtype))
+
+
+def test_phi_is_p_times_one_minus_p_and_detached():
+    logps = torch.log(torch.tensor([0.5, 0.1, 0.99], requires_grad=True))
+    weights = phi_token_weights(logps)
+    torch.testing.assert_close(weights, torch.tensor([0.25, 0.09, 0.0099]))
+    assert not weights.requires_grad
+
+
+def test_phi_loss_gradient_treats_phi_as_a_constant():
+    logits, labels, mask = _example(1)
+    logits.requires_grad_(True)
+    expert_sft_loss(_logps(logits, labels), mask, use_phi=True).loss.backward()
+    grad = logits.grad.clone()
+
+    # Independent oracle: the weights as plain numbers (no graph at all), then the weighted cross-entropy by hand
+    probs = torch.softmax(logits.detach(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    constant_phi = torch.tensor((probs * (1 - probs)).tolist(), dtype=torch.float64)
+    oracle_logits = logits.detach().clone().requires_grad_(True)
+    nll = torch.nn.functional.cross_entropy(oracle_logits.transpose(1, 2), labels, reduction="none")
+    ((nll * constant_phi * mask).sum() / mask.sum()).backward()
+    torch.testing.assert_close(grad, oracle_logits.grad)
+
+    # And it is not the gradient one gets by differentiating through phi (the bug ms-swift shipped)
+    through_logits = logits.detach().clone().requires_grad_(True)
+    through_probs = torch.softmax(through_logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    nll = -through_probs.log()
+    ((nll * through_probs * (1 - through_probs) * mask).sum() / mask.sum()).backward()
+    assert not torch.allclose(grad, through_logits.grad)
+
+
+def test_empty_mask_gives_a_zero_loss_not_nan():
+    logits, labels, _ = _example()
+    out = expert_sft_loss(_logps(logits, labels), torch.zeros(3, 5), use_phi=True)
+    assert out.loss.item() == 0.0 and out.num_tokens.item() == 0

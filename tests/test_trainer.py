@@ -1,0 +1,317 @@
+import json
+import logging
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import GRPOConfig, GRPOTrainer
+
+from trl_chord import ChordConfig, ChordTrainer, chord_mu
+from trl_chord.chord_trainer import CHORD_STATE_NAME
+
+from helpers import odd_char_reward, make_expert_dataset, make_rl_prompts
+
+
+COMMON_ARGS = dict(
+    per_device_train_batch_size=4,
+    num_generations=4,
+    max_completion_length=6,
+    max_steps=2,
+    logging_steps=1,
+    report_to="none",
+    bf16=False,
+    learning_rate=1e-2,
+    seed=0,
+    save_strategy="no",
+)
+
+
+def chord_config(tmp_path, **overrides) -> ChordConfig:
+    return ChordConfig(output_dir=str(tmp_path / "out"), **{**COMMON_ARGS, **overrides})
+
+
+def make_trainer(model_dir, args, expert_dataset=None, **kwargs) -> ChordTrainer:
+    return ChordTrainer(
+        model=model_dir,
+        reward_funcs=odd_char_reward,
+        args=args,
+        train_dataset=make_rl_prompts(),
+        expert_dataset=expert_dataset,
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+        **kwargs,
+    )
+
+
+def weights(trainer) -> dict[str, torch.Tensor]:
+    return {name: param.detach().clone() for name, param in trainer.model.named_parameters()}
+
+
+def logged(trainer, key) -> list:
+    return [entry[key] for entry in trainer.state.log_history if key in entry]
+
+
+# 1. mu = 0 is TRL's GRPOTrainer, bit for bit
+@pytest.mark.parametrize("with_expert_dataset", [False, True])
+def test_mu_zero_is_bit_identical_to_grpo(tiny_model_dir, tmp_path, with_expert_dataset):
+    grpo = GRPOTrainer(
+        model=tiny_model_dir,
+        reward_funcs=odd_char_reward,
+        args=GRPOConfig(output_dir=str(tmp_path / "grpo"), **COMMON_ARGS),
+        train_dataset=make_rl_prompts(),
+        processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+    )
+    grpo.train()
+    args = chord_config(tmp_path, chord_mu_peak=0.0, chord_mu_valley=0.0)
+    chord = make_trainer(tiny_model_dir, args, make_expert_dataset() if with_expert_dataset else None)
+    chord.train()
+
+    assert logged(chord, "loss") == logged(grpo, "loss")
+    assert logged(chord, "reward") == logged(grpo, "reward")
+    assert logged(chord, "chord/mu") == [0.0, 0.0]
+    assert "chord/sft_loss" not in chord.state.log_history[0]
+    grpo_weights, chord_weights = weights(grpo), weights(chord)
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    assert any(not torch.equal(grpo_weights[name], initial[name]) for name in grpo_weights), "GRPO did not train"
+    for name, value in grpo_weights.items():
+        assert torch.equal(value, chord_weights[name]), name
+
+
+def test_expert_dataset_with_mu_always_zero_warns(tiny_model_dir, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        trainer = make_trainer(tiny_model_dir, chord_config(tmp_path, chord_mu_peak=0.0, chord_mu_valley=0.0), make_expert_dataset())
+    assert "mu is 0 at every step" in caplog.text
+    assert trainer.expert_dataset is None
+
+
+# 2. mu = 1: one SGD step is exactly -lr * grad of the expert NLL, computed independently
+def expert_nll_gradient(model_dir, expert_dataset, use_phi: bool) -> dict[str, torch.Tensor]:
+    """Token-mean NLL of the expert completions with the model's plain forward at temperature 1, and its gradient."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    total, count = 0.0, 0
+    for example in expert_dataset:
+        prompt_ids = tokenizer.apply_chat_template(example["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        full_ids = tokenizer.apply_chat_template(example["prompt"] + example["completion"], tokenize=True, return_dict=True)["input_ids"]
+        assert full_ids[: len(prompt_ids)] == prompt_ids
+        logits = model(torch.tensor([full_ids])).logits[0, :-1].float()
+        targets = torch.tensor(full_ids[1:])
+        logps = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)[len(prompt_ids) - 1 :]
+        weight = (logps.exp() * (1 - logps.exp())).detach() if use_phi else torch.ones_like(logps)
+        total = total + (-logps * weight).sum()
+        count += logps.numel()
+    (total / count).backward()
+    return {name: param.grad.clone() for name, param in model.named_parameters()}
+
+
+@pytest.mark.parametrize("use_phi", [False, True])
+def test_mu_one_sgd_step_follows_the_expert_gradient(tiny_model_dir, tmp_path, use_phi):
+    expert = make_expert_dataset(5)
+    lr = 0.5
+    args = chord_config(
+        tmp_path,
+        chord_mu_peak=1.0,
+        chord_mu_valley=1.0,
+        chord_enable_phi_function=use_phi,
+        chord_sft_per_device_train_batch_size=len(expert),  # the whole set: its token mean does not depend on order
+        temperature=0.7,  # rollouts are tempered, the SFT term must not be
+        optim="sgd",
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        max_steps=1,
+    )
+    trainer = make_trainer(tiny_model_dir, args, expert)
+    before = weights(trainer)
+    trainer.train()
+    after = weights(trainer)
+    grads = expert_nll_gradient(tiny_model_dir, expert, use_phi)
+    assert set(grads) == set(after)
+    for name, grad in grads.items():
+        torch.testing.assert_close(after[name] - before[name], -lr * grad, rtol=1e-4, atol=1e-7, msg=name)
+    assert max(g.abs().max().item() for g in grads.values()) > 1e-4
+    assert logged(trainer, "chord/mu") == [1.0]
+    assert logged(trainer, "chord/expert_tokens") == [sum(len(str(i + 1)) + 2 for i in range(5))]  # answer + <|im_end|>\n
+
+
+def test_phi_changes_the_update(tiny_model_dir):
+    expert = make_expert_dataset(5)
+    plain, phi = expert_nll_gradient(tiny_model_dir, expert, False), expert_nll_gradient(tiny_model_dir, expert, True)
+    assert not torch.allclose(plain["model.norm.weight"], phi["model.norm.weight"])
+
+
+# 3. The logged mu follows the schedule step by step
+def test_logged_mu_follows_the_schedule(tiny_model_dir, tmp_path):
+    schedule = dict(chord_mu_peak=0.8, chord_mu_valley=0.2, chord_mu_warmup_steps=2, chord_mu_decay_steps=3)
+    args = chord_config(tmp_path, max_steps=7, **schedule)
+    trainer = make_trainer(tiny_model_dir, args, make_expert_dataset())
+    trainer.train()
+    expected = [chord_mu(step, 0.8, 0.2, 2, 3) for step in range(7)]
+    assert logged(trainer, "chord/mu") == pytest.approx(expected)
+    assert expected[0] == 0.0 and expected[2] == pytest.approx(0.8) and expected[-1] == 0.2
+    # Step 0 has mu = 0: no expert forward pass, so no SFT metrics on that step
+    sft_steps = [entry["step"] for entry in trainer.state.log_history if "chord/sft_loss" in entry]
+    assert sft_steps == [2, 3, 4, 5, 6, 7]
+    assert trainer.expert_sampler.examples_drawn == 6 * args.chord_sft_per_device_train_batch_size
+
+
+def test_metrics_are_logged(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, chord_config(tmp_path, chord_mu_valley=0.3), make_expert_dataset())
+    trainer.train()
+    entry = trainer.state.log_history[0]
+    for key in ("chord/mu", "chord/sft_loss", "chord/grpo_loss", "chord/expert_token_prob", "chord/phi_mean",
+                "chord/expert_tokens", "chord/expert_nll"):
+        assert key in entry, key
+    assert 0 < entry["chord/expert_token_prob"] < 1 and 0 < entry["chord/phi_mean"] <= 0.25
+    # loss = (1 - mu) * grpo + mu * sft, with no gradient accumulation
+    assert entry["loss"] == pytest.approx(0.7 * entry["chord/grpo_loss"] + 0.3 * entry["chord/sft_loss"], rel=1e-5)
+
+
+def test_expert_loss_falls_with_mu_one(tiny_model_dir, tmp_path):
+    args = chord_config(tmp_path, chord_mu_peak=1.0, chord_mu_valley=1.0, chord_enable_phi_function=False,
+                        chord_sft_per_device_train_batch_size=4, max_steps=12, learning_rate=3e-3)
+    trainer = make_trainer(tiny_model_dir, args, make_expert_dataset(4))
+    trainer.train()
+    nll = logged(trainer, "chord/expert_nll")
+    assert nll[-1] < nll[0] - 1.0
+
+
+# 5. LoRA, gradient accumulation, num_iterations, beta > 0, resume
+def test_lora(tiny_model_dir, tmp_path):
+    from peft import LoraConfig
+
+    trainer = make_trainer(
+        tiny_model_dir,
+        chord_config(tmp_path, chord_mu_valley=0.5, learning_rate=5e-2),
+        make_expert_dataset(),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in name for name in changed)
+    assert len(logged(trainer, "chord/sft_loss")) == 2
+
+
+def test_gradient_accumulation_scales_the_sft_term(tiny_model_dir, tmp_path):
+    expert = make_expert_dataset(4)
+    # mu = 1 and plain SGD: two accumulated expert micro-batches move the weights by -lr times the mean of their
+    # two token-mean gradients, each computed independently on the examples that micro-batch drew
+    args = chord_config(tmp_path, chord_mu_peak=1.0, chord_mu_valley=1.0, chord_enable_phi_function=False,
+                        chord_sft_per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                        per_device_train_batch_size=2, num_generations=4, optim="sgd", learning_rate=0.5,
+                        lr_scheduler_type="constant", max_grad_norm=0.0, max_steps=1)
+    trainer = make_trainer(tiny_model_dir, args, expert)
+    drawn = []
+    next_batch = trainer.expert_sampler.next_batch
+    trainer.expert_sampler.next_batch = lambda: drawn.append(next_batch()) or drawn[-1]
+    before = weights(trainer)
+    trainer.train()
+    after = weights(trainer)
+    assert len(drawn) == 2 and sorted(sum(drawn, [])) == [0, 1, 2, 3]
+    oracle = [expert_nll_gradient(tiny_model_dir, expert.select(indices), False) for indices in drawn]
+    for name in after:
+        expected = -0.5 * (oracle[0][name] + oracle[1][name]) / 2
+        torch.testing.assert_close(after[name] - before[name], expected, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_num_iterations_and_beta(tiny_model_dir, tmp_path):
+    args = chord_config(tmp_path, beta=0.1, num_iterations=2, gradient_accumulation_steps=2, max_steps=2,
+                        chord_mu_valley=0.5)
+    trainer = make_trainer(tiny_model_dir, args, make_expert_dataset())
+    trainer.train()
+    assert trainer.ref_model is not None
+    assert len(logged(trainer, "kl")) == 2 and len(logged(trainer, "chord/sft_loss")) == 2
+    assert trainer.expert_sampler.examples_drawn == 2 * 2  # one expert micro-batch per micro-step
+
+
+def test_resume_continues_mu_and_expert_order(tiny_model_dir, tmp_path):
+    schedule = dict(chord_mu_peak=0.9, chord_mu_valley=0.1, chord_mu_decay_steps=4, max_steps=4, save_steps=2,
+                    save_strategy="steps", chord_sft_per_device_train_batch_size=2)
+
+    def run(output, resume=None):
+        trainer = make_trainer(tiny_model_dir, chord_config(tmp_path / output, **schedule), make_expert_dataset(7))
+        drawn = []
+        next_batch = trainer.expert_sampler.next_batch
+        trainer.expert_sampler.next_batch = lambda: drawn.append(next_batch()) or drawn[-1]
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, drawn
+
+    full, full_drawn = run("full")
+    checkpoint = tmp_path / "full" / "out" / "checkpoint-2"
+    assert json.loads((checkpoint / CHORD_STATE_NAME).read_text()) == {"expert_sampler": {"examples_drawn": 4}}
+    resumed, resumed_drawn = run("resumed", resume=str(checkpoint))
+    assert resumed_drawn == full_drawn[2:]
+    # The resumed run restores the log history up to the checkpoint, then logs steps 3 and 4 itself
+    assert logged(resumed, "chord/mu") == logged(full, "chord/mu")
+    assert logged(resumed, "chord/sft_loss") == logged(full, "chord/sft_loss")
+    full_weights, resumed_weights = weights(full), weights(resumed)
+    for name, value in full_weights.items():
+        torch.testing.assert_close(resumed_weights[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_resume_from_a_checkpoint_without_chord_state_fails(tiny_model_dir, tmp_path):
+    args = chord_config(tmp_path, max_steps=1, save_strategy="steps", save_steps=1)
+    make_trainer(tiny_model_dir, args, make_expert_dataset()).train()
+    checkpoint = tmp_path / "out" / "checkpoint-1"
+    os.remove(checkpoint / CHORD_STATE_NAME)
+    args = chord_config(tmp_path, max_steps=2, save_strategy="no")
+    with pytest.raises(FileNotFoundError, match=CHORD_STATE_NAME):
+        make_trainer(tiny_model_dir, args, make_expert_dataset()).train(resume_from_checkpoint=str(checkpoint))
+
+
+# 6. Bad input: a clear error before training starts
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(chord_mu_peak=1.5), r"`chord_mu_peak` must be in \[0, 1\], got 1.5"),
+        (dict(chord_mu_valley=-0.1), r"`chord_mu_valley` must be in \[0, 1\], got -0.1"),
+        (dict(chord_mu_warmup_steps=-1), "`chord_mu_warmup_steps` must be a number of optimizer steps >= 0"),
+        (dict(chord_mu_decay_steps=-5), "`chord_mu_decay_steps` must be a number of optimizer steps >= 0"),
+        (dict(chord_sft_per_device_train_batch_size=0), "`chord_sft_per_device_train_batch_size` must be >= 1"),
+        (dict(chord_sft_max_length=1), "`chord_sft_max_length` must be >= 2"),
+    ],
+)
+def test_bad_config_values(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        chord_config(tmp_path, **overrides)
+
+
+def test_grpo_config_is_refused(tiny_model_dir, tmp_path):
+    with pytest.raises(TypeError, match="must be a `ChordConfig`"):
+        make_trainer(tiny_model_dir, GRPOConfig(output_dir=str(tmp_path), **COMMON_ARGS), make_expert_dataset())
+
+
+def test_missing_expert_dataset(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="no `expert_dataset` was given"):
+        make_trainer(tiny_model_dir, chord_config(tmp_path, chord_mu_peak=0.5, chord_mu_valley=0.0, chord_mu_decay_steps=3))
+
+
+@pytest.mark.parametrize(
+    "dataset, message",
+    [
+        (Dataset.from_dict({"prompt": []}), "`expert_dataset` is empty"),
+        (Dataset.from_dict({"question": ["a"], "answer": ["b"]}), "CHORD needs either `prompt` and `completion`"),
+        (Dataset.from_dict({"prompt": ["a", "b"], "completion": ["", ""]}), "Every one of the 2 expert examples was skipped"),
+        (Dataset.from_dict({"prompt": ["a"], "completion": [["x"]]}), "Expert example 0: `prompt` and `completion` must both be"),
+    ],
+)
+def test_bad_expert_datasets(tiny_model_dir, tmp_path, dataset, message):
+    with pytest.raises(ValueError, match=message):
+        make_trainer(tiny_model_dir, chord_config(tmp_path), dataset)
+
+
+def test_expert_data_truncated_away_entirely(tiny_model_dir, tmp_path):
+    dataset = Dataset.from_dict({"prompt": ["a long prompt"], "completion": ["x"]})
+    with pytest.raises(ValueError, match=r"1 with completion truncated away.*chord_sft_max_length"):
+        make_trainer(tiny_model_dir, chord_config(tmp_path, chord_sft_max_length=4), dataset)
+
+
+def test_conversational_expert_data_needs_a_chat_template(tiny_model_dir, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="has no chat template"):
+        ChordTrainer(model=tiny_model_dir, reward_funcs=odd_char_reward, args=chord_config(tmp_path),
+                     train_dataset=Dataset.from_dict({"prompt": ["1+1="] * 4}), expert_dataset=make_expert_dataset(),
+                     processing_class=tokenizer)
