@@ -1,0 +1,98 @@
+"""A short CHORD run for the multi-process tests, launched with torchrun or `accelerate launch`.
+
+Each process writes `rank{N}.json` into `--output`: the expert example indices it drew, the mu and loss it logged, and
+a digest of its final weights (the full weights, gathered, under DeepSpeed ZeRO-3).
+"""
+
+import argparse
+import hashlib
+import json
+import os
+
+import torch
+from transformers import AutoTokenizer
+
+from trl_chord import ChordConfig, ChordTrainer
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--zero-stage", type=int, default=None)
+    parser.add_argument("--num-expert-examples", type=int, default=13)
+    parser.add_argument("--max-steps", type=int, default=3)
+    parser.add_argument("--mu-decay-steps", type=int, default=0)
+    args = parser.parse_args()
+
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from helpers import make_expert_dataset, make_rl_prompts, odd_char_reward
+
+    deepspeed = None
+    if args.zero_stage is not None:
+        deepspeed = {
+            "zero_optimization": {"stage": args.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
+            "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto",
+            "optimizer": {"type": "AdamW", "params": {"lr": "auto", "torch_adam": True}},
+        }
+    config = ChordConfig(
+        output_dir=os.path.join(args.output, "run"),
+        per_device_train_batch_size=2,
+        num_generations=4,
+        gradient_accumulation_steps=2,
+        max_completion_length=6,
+        max_steps=args.max_steps,
+        logging_steps=1,
+        learning_rate=1e-2,
+        report_to="none",
+        bf16=False,
+        save_strategy="no",
+        chord_mu_peak=0.5,
+        chord_mu_valley=0.0 if args.mu_decay_steps else 0.5,
+        chord_mu_decay_steps=args.mu_decay_steps,
+        chord_sft_per_device_train_batch_size=2,
+        deepspeed=deepspeed,
+        # Without a GPU, accelerate only sets up the gloo process group when asked for the CPU explicitly
+        use_cpu=not torch.cuda.is_available(),
+    )
+    trainer = ChordTrainer(
+        model=args.model,
+        reward_funcs=odd_char_reward,
+        args=config,
+        train_dataset=make_rl_prompts(),
+        expert_dataset=make_expert_dataset(args.num_expert_examples),
+        processing_class=AutoTokenizer.from_pretrained(args.model),
+    )
+    drawn = []
+    next_batch = trainer.expert_sampler.next_batch
+    trainer.expert_sampler.next_batch = lambda: drawn.append(next_batch()) or drawn[-1]
+    trainer.train()
+
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    digest = None
+    if state_dict is not None:
+        digest = hashlib.sha256()
+        for name in sorted(state_dict):
+            digest.update(name.encode())
+            digest.update(state_dict[name].detach().to(torch.float32).contiguous().numpy().tobytes())
+        digest = digest.hexdigest()
+    rank = trainer.accelerator.process_index
+    result = {
+        "rank": rank,
+        "num_processes": trainer.accelerator.num_processes,
+        "drawn": drawn,
+        "shard_size": trainer.expert_sampler.shard_size,
+        "mu": [entry["chord/mu"] for entry in trainer.state.log_history if "chord/mu" in entry],
+        "sft_loss": [entry.get("chord/sft_loss") for entry in trainer.state.log_history if "chord/mu" in entry],
+        "weights_sha256": digest,
+    }
+    with open(os.path.join(args.output, f"rank{rank}.json"), "w") as file:
+        json.dump(result, file)
+
+
+if __name__ == "__main__":
+    main()
