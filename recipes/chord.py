@@ -57,17 +57,24 @@ class ChordScriptArguments:
             Built-in task only: held-out accuracy is measured every this many optimizer steps.
     """
 
-    dataset_name: str | None = field(default=None, metadata={"help": "RL prompts: hub id or local json/jsonl/parquet file."})
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "RL prompts: hub id or local json/jsonl/parquet file."}
+    )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub configuration name of the RL prompts."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split of the RL prompts."})
-    dataset_prompt_column: str = field(default="prompt", metadata={"help": "Column of the RL prompts with the prompt."})
+    dataset_prompt_column: str = field(
+        default="prompt", metadata={"help": "Column of the RL prompts with the prompt."}
+    )
     chord_sft_dataset: str | None = field(
         default=None, metadata={"help": "Expert demonstrations: hub id or local json/jsonl/parquet file."}
     )
-    chord_sft_dataset_config: str | None = field(default=None, metadata={"help": "Hub configuration of the expert data."})
+    chord_sft_dataset_config: str | None = field(
+        default=None, metadata={"help": "Hub configuration of the expert data."}
+    )
     chord_sft_dataset_split: str = field(default="train", metadata={"help": "Split of the expert demonstrations."})
     reward_funcs: list[str] | None = field(
-        default=None, metadata={"help": f"Reward functions: names among {sorted(REWARD_FUNCS)} or dotted import paths."}
+        default=None,
+        metadata={"help": f"Reward functions: names among {sorted(REWARD_FUNCS)} or dotted import paths."},
     )
     heldout_eval_steps: int = field(default=25, metadata={"help": "Built-in task: held-out accuracy period in steps."})
 
@@ -106,13 +113,17 @@ def main(script_args: ChordScriptArguments, training_args: ChordConfig, model_ar
     else:
         if not script_args.reward_funcs:
             raise ValueError("Give at least one reward function with --reward_funcs.")
-        train_dataset = load_any_dataset(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
+        train_dataset = load_any_dataset(
+            script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split
+        )
         if script_args.dataset_prompt_column != "prompt":
             train_dataset = train_dataset.rename_column(script_args.dataset_prompt_column, "prompt")
         expert_dataset = None
         if script_args.chord_sft_dataset is not None:
             expert_dataset = load_any_dataset(
-                script_args.chord_sft_dataset, script_args.chord_sft_dataset_config, script_args.chord_sft_dataset_split
+                script_args.chord_sft_dataset,
+                script_args.chord_sft_dataset_config,
+                script_args.chord_sft_dataset_split,
             )
         reward_funcs = resolve_reward_funcs(script_args.reward_funcs)
 
@@ -134,7 +145,10 @@ def main(script_args: ChordScriptArguments, training_args: ChordConfig, model_ar
     )
     training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
     tokenizer = AutoTokenizer.from_pretrained(
-        model_path, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code, padding_side="left"
+        model_path,
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        padding_side="left",
     )
     trainer = ChordTrainer(
         model=model_path,
@@ -171,7 +185,10 @@ def main(script_args: ChordScriptArguments, training_args: ChordConfig, model_ar
         plot_path = plot_metrics(metrics_path, os.path.join(training_args.output_dir, "metrics.png"), history)
         print(f"Metrics: {metrics_path}\nPlot: {plot_path}\nModel: {training_args.output_dir}")
         if history:
-            print(f"Held-out accuracy: {history[0][1]:.0%} before training, {history[-1][1]:.0%} after {history[-1][0]} steps.")
+            print(
+                f"Held-out accuracy: {history[0][1]:.0%} before training, "
+                f"{history[-1][1]:.0%} after {history[-1][0]} steps."
+            )
     trainer.accelerator.wait_for_everyone()
 
 

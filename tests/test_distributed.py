@@ -54,8 +54,17 @@ def test_ddp_ranks_see_disjoint_experts_and_end_with_identical_weights(tiny_mode
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_deepspeed_zero_with_mu_crossing_to_zero(tiny_model_dir, tmp_path, zero_stage):
     ranks = launch(
-        "torchrun", tiny_model_dir, tmp_path,
-        "--zero-stage", str(zero_stage), "--max-steps", "4", "--mu-decay-steps", "2", "--num-expert-examples", "13",
+        "torchrun",
+        tiny_model_dir,
+        tmp_path,
+        "--zero-stage",
+        str(zero_stage),
+        "--max-steps",
+        "4",
+        "--mu-decay-steps",
+        "2",
+        "--num-expert-examples",
+        "13",
     )
     assert ranks[0]["mu"] == ranks[1]["mu"] == [0.5, 0.25, 0.0, 0.0]
     # Expert micro-batches only while mu > 0: 2 steps x 2 accumulation steps, on both ranks alike

@@ -20,7 +20,10 @@ def trained_text(tokenizer, example):
 def test_conversational_prompt_completion_trains_the_answer_only(tiny_tokenizer):
     example = {"prompt": [{"role": "user", "content": "2+2="}], "completion": [{"role": "assistant", "content": "4"}]}
     out = tokenize_expert_example(example, 0, tiny_tokenizer, max_length=100)
-    assert tiny_tokenizer.decode(out["input_ids"]) == "<|im_start|>user\n2+2=<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n"
+    assert (
+        tiny_tokenizer.decode(out["input_ids"])
+        == "<|im_start|>user\n2+2=<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n"
+    )
     assert trained_text(tiny_tokenizer, out) == "4<|im_end|>\n"
     assert out["skip_reason"] == ""
 
@@ -64,7 +67,9 @@ def test_bad_tools_json_names_the_example(tiny_tokenizer):
 def test_truncation_and_skip_reasons(tiny_tokenizer):
     example = {"prompt": "abcdef", "completion": "ghij"}
     assert len(tokenize_expert_example(example, 0, tiny_tokenizer, max_length=8)["input_ids"]) == 8
-    assert tokenize_expert_example(example, 0, tiny_tokenizer, max_length=6)["skip_reason"] == "completion truncated away"
+    assert (
+        tokenize_expert_example(example, 0, tiny_tokenizer, max_length=6)["skip_reason"] == "completion truncated away"
+    )
     empty = {"prompt": [{"role": "user", "content": "a"}], "completion": []}
     assert tokenize_expert_example(empty, 0, tiny_tokenizer, max_length=50)["skip_reason"] == "empty completion"
     no_assistant = {"messages": [{"role": "user", "content": "a"}]}
@@ -121,7 +126,8 @@ def test_sampler_refuses_fewer_examples_than_processes():
 
 def test_collate_right_pads():
     batch = collate_expert_batch(
-        [{"input_ids": [5, 6, 7], "completion_mask": [0, 1, 1]}, {"input_ids": [8], "completion_mask": [1]}], pad_token_id=0
+        [{"input_ids": [5, 6, 7], "completion_mask": [0, 1, 1]}, {"input_ids": [8], "completion_mask": [1]}],
+        pad_token_id=0,
     )
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]

@@ -16,11 +16,24 @@ RECIPE = os.path.join(ROOT, "recipes", "chord.py")
 
 def test_builtin_demo_runs_and_reports(tmp_path):
     command = [
-        sys.executable, RECIPE, "--config", os.path.join(ROOT, "recipes", "configs", "demo.yaml"),
-        "--output_dir", str(tmp_path), "--max_steps", "6", "--logging_steps", "2", "--heldout_eval_steps", "3",
-        "--chord_mu_decay_steps", "4",
+        sys.executable,
+        RECIPE,
+        "--config",
+        os.path.join(ROOT, "recipes", "configs", "demo.yaml"),
+        "--output_dir",
+        str(tmp_path),
+        "--max_steps",
+        "6",
+        "--logging_steps",
+        "2",
+        "--heldout_eval_steps",
+        "3",
+        "--chord_mu_decay_steps",
+        "4",
     ]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    completed = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     assert completed.returncode == 0, completed.stderr[-5000:]
     assert "Held-out accuracy: 0% before training" in completed.stdout
     entries = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -39,7 +52,9 @@ def test_shipped_configs_parse():
     configs = os.path.join(ROOT, "recipes", "configs")
     for name in sorted(os.listdir(configs)):
         parser = make_parser()
-        script_args, training_args, model_args = parser.parse_args_and_config(["--config", os.path.join(configs, name)])
+        script_args, training_args, model_args = parser.parse_args_and_config(
+            ["--config", os.path.join(configs, name)]
+        )
         assert isinstance(script_args, ChordScriptArguments) and isinstance(training_args, ChordConfig), name
         with open(os.path.join(configs, name)) as file:
             for key, value in yaml.safe_load(file).items():

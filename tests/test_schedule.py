@@ -40,7 +40,13 @@ def test_warmup_without_decay_drops_to_valley():
 
 @pytest.mark.parametrize(
     "peak, valley, warmup, decay, expected",
-    [(0.0, 0.0, 5, 5, False), (0.5, 0.0, 0, 0, False), (0.5, 0.0, 0, 3, True), (0.5, 0.0, 2, 0, True), (0, 0.1, 0, 0, True)],
+    [
+        (0.0, 0.0, 5, 5, False),
+        (0.5, 0.0, 0, 0, False),
+        (0.5, 0.0, 0, 3, True),
+        (0.5, 0.0, 2, 0, True),
+        (0, 0.1, 0, 0, True),
+    ],
 )
 def test_mu_ever_positive_matches_the_schedule(peak, valley, warmup, decay, expected):
     assert chord_mu_is_ever_positive(peak, valley, warmup, decay) is expected

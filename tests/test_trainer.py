@@ -5,13 +5,12 @@ import os
 import pytest
 import torch
 from datasets import Dataset
+from helpers import make_expert_dataset, make_rl_prompts, odd_char_reward
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
 
 from trl_chord import ChordConfig, ChordTrainer, chord_mu
 from trl_chord.chord_trainer import CHORD_STATE_NAME
-
-from helpers import odd_char_reward, make_expert_dataset, make_rl_prompts
 
 
 COMMON_ARGS = dict(
@@ -80,7 +79,9 @@ def test_mu_zero_is_bit_identical_to_grpo(tiny_model_dir, tmp_path, with_expert_
 
 def test_expert_dataset_with_mu_always_zero_warns(tiny_model_dir, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
-        trainer = make_trainer(tiny_model_dir, chord_config(tmp_path, chord_mu_peak=0.0, chord_mu_valley=0.0), make_expert_dataset())
+        trainer = make_trainer(
+            tiny_model_dir, chord_config(tmp_path, chord_mu_peak=0.0, chord_mu_valley=0.0), make_expert_dataset()
+        )
     assert "mu is 0 at every step" in caplog.text
     assert trainer.expert_dataset is None
 
@@ -92,8 +93,12 @@ def expert_nll_gradient(model_dir, expert_dataset, use_phi: bool) -> dict[str, t
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     total, count = 0.0, 0
     for example in expert_dataset:
-        prompt_ids = tokenizer.apply_chat_template(example["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-        full_ids = tokenizer.apply_chat_template(example["prompt"] + example["completion"], tokenize=True, return_dict=True)["input_ids"]
+        prompt_ids = tokenizer.apply_chat_template(
+            example["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+        full_ids = tokenizer.apply_chat_template(
+            example["prompt"] + example["completion"], tokenize=True, return_dict=True
+        )["input_ids"]
         assert full_ids[: len(prompt_ids)] == prompt_ids
         logits = model(torch.tensor([full_ids])).logits[0, :-1].float()
         targets = torch.tensor(full_ids[1:])
@@ -132,7 +137,9 @@ def test_mu_one_sgd_step_follows_the_expert_gradient(tiny_model_dir, tmp_path, u
         torch.testing.assert_close(after[name] - before[name], -lr * grad, rtol=1e-4, atol=1e-7, msg=name)
     assert max(g.abs().max().item() for g in grads.values()) > 1e-4
     assert logged(trainer, "chord/mu") == [1.0]
-    assert logged(trainer, "chord/expert_tokens") == [sum(len(str(i + 1)) + 2 for i in range(5))]  # answer + <|im_end|>\n
+    assert logged(trainer, "chord/expert_tokens") == [
+        sum(len(str(i + 1)) + 2 for i in range(5))
+    ]  # answer + <|im_end|>\n
 
 
 def test_phi_changes_the_update(tiny_model_dir):
@@ -160,8 +167,15 @@ def test_metrics_are_logged(tiny_model_dir, tmp_path):
     trainer = make_trainer(tiny_model_dir, chord_config(tmp_path, chord_mu_valley=0.3), make_expert_dataset())
     trainer.train()
     entry = trainer.state.log_history[0]
-    for key in ("chord/mu", "chord/sft_loss", "chord/grpo_loss", "chord/expert_token_prob", "chord/phi_mean",
-                "chord/expert_tokens", "chord/expert_nll"):
+    for key in (
+        "chord/mu",
+        "chord/sft_loss",
+        "chord/grpo_loss",
+        "chord/expert_token_prob",
+        "chord/phi_mean",
+        "chord/expert_tokens",
+        "chord/expert_nll",
+    ):
         assert key in entry, key
     assert 0 < entry["chord/expert_token_prob"] < 1 and 0 < entry["chord/phi_mean"] <= 0.25
     # loss = (1 - mu) * grpo + mu * sft, with no gradient accumulation
@@ -169,8 +183,15 @@ def test_metrics_are_logged(tiny_model_dir, tmp_path):
 
 
 def test_expert_loss_falls_with_mu_one(tiny_model_dir, tmp_path):
-    args = chord_config(tmp_path, chord_mu_peak=1.0, chord_mu_valley=1.0, chord_enable_phi_function=False,
-                        chord_sft_per_device_train_batch_size=4, max_steps=12, learning_rate=3e-3)
+    args = chord_config(
+        tmp_path,
+        chord_mu_peak=1.0,
+        chord_mu_valley=1.0,
+        chord_enable_phi_function=False,
+        chord_sft_per_device_train_batch_size=4,
+        max_steps=12,
+        learning_rate=3e-3,
+    )
     trainer = make_trainer(tiny_model_dir, args, make_expert_dataset(4))
     trainer.train()
     nll = logged(trainer, "chord/expert_nll")
@@ -198,10 +219,21 @@ def test_gradient_accumulation_scales_the_sft_term(tiny_model_dir, tmp_path):
     expert = make_expert_dataset(4)
     # mu = 1 and plain SGD: two accumulated expert micro-batches move the weights by -lr times the mean of their
     # two token-mean gradients, each computed independently on the examples that micro-batch drew
-    args = chord_config(tmp_path, chord_mu_peak=1.0, chord_mu_valley=1.0, chord_enable_phi_function=False,
-                        chord_sft_per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                        per_device_train_batch_size=2, num_generations=4, optim="sgd", learning_rate=0.5,
-                        lr_scheduler_type="constant", max_grad_norm=0.0, max_steps=1)
+    args = chord_config(
+        tmp_path,
+        chord_mu_peak=1.0,
+        chord_mu_valley=1.0,
+        chord_enable_phi_function=False,
+        chord_sft_per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        per_device_train_batch_size=2,
+        num_generations=4,
+        optim="sgd",
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        max_steps=1,
+    )
     trainer = make_trainer(tiny_model_dir, args, expert)
     drawn = []
     next_batch = trainer.expert_sampler.next_batch
@@ -217,8 +249,9 @@ def test_gradient_accumulation_scales_the_sft_term(tiny_model_dir, tmp_path):
 
 
 def test_num_iterations_and_beta(tiny_model_dir, tmp_path):
-    args = chord_config(tmp_path, beta=0.1, num_iterations=2, gradient_accumulation_steps=2, max_steps=2,
-                        chord_mu_valley=0.5)
+    args = chord_config(
+        tmp_path, beta=0.1, num_iterations=2, gradient_accumulation_steps=2, max_steps=2, chord_mu_valley=0.5
+    )
     trainer = make_trainer(tiny_model_dir, args, make_expert_dataset())
     trainer.train()
     assert trainer.ref_model is not None
@@ -227,8 +260,15 @@ def test_num_iterations_and_beta(tiny_model_dir, tmp_path):
 
 
 def test_resume_continues_mu_and_expert_order(tiny_model_dir, tmp_path):
-    schedule = dict(chord_mu_peak=0.9, chord_mu_valley=0.1, chord_mu_decay_steps=4, max_steps=4, save_steps=2,
-                    save_strategy="steps", chord_sft_per_device_train_batch_size=2)
+    schedule = dict(
+        chord_mu_peak=0.9,
+        chord_mu_valley=0.1,
+        chord_mu_decay_steps=4,
+        max_steps=4,
+        save_steps=2,
+        save_strategy="steps",
+        chord_sft_per_device_train_batch_size=2,
+    )
 
     def run(output, resume=None):
         trainer = make_trainer(tiny_model_dir, chord_config(tmp_path / output, **schedule), make_expert_dataset(7))
@@ -285,7 +325,9 @@ def test_grpo_config_is_refused(tiny_model_dir, tmp_path):
 
 def test_missing_expert_dataset(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="no `expert_dataset` was given"):
-        make_trainer(tiny_model_dir, chord_config(tmp_path, chord_mu_peak=0.5, chord_mu_valley=0.0, chord_mu_decay_steps=3))
+        make_trainer(
+            tiny_model_dir, chord_config(tmp_path, chord_mu_peak=0.5, chord_mu_valley=0.0, chord_mu_decay_steps=3)
+        )
 
 
 @pytest.mark.parametrize(
@@ -293,8 +335,14 @@ def test_missing_expert_dataset(tiny_model_dir, tmp_path):
     [
         (Dataset.from_dict({"prompt": []}), "`expert_dataset` is empty"),
         (Dataset.from_dict({"question": ["a"], "answer": ["b"]}), "CHORD needs either `prompt` and `completion`"),
-        (Dataset.from_dict({"prompt": ["a", "b"], "completion": ["", ""]}), "Every one of the 2 expert examples was skipped"),
-        (Dataset.from_dict({"prompt": ["a"], "completion": [["x"]]}), "Expert example 0: `prompt` and `completion` must both be"),
+        (
+            Dataset.from_dict({"prompt": ["a", "b"], "completion": ["", ""]}),
+            "Every one of the 2 expert examples was skipped",
+        ),
+        (
+            Dataset.from_dict({"prompt": ["a"], "completion": [["x"]]}),
+            "Expert example 0: `prompt` and `completion` must both be",
+        ),
     ],
 )
 def test_bad_expert_datasets(tiny_model_dir, tmp_path, dataset, message):
@@ -312,6 +360,11 @@ def test_conversational_expert_data_needs_a_chat_template(tiny_model_dir, tmp_pa
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tokenizer.chat_template = None
     with pytest.raises(ValueError, match="has no chat template"):
-        ChordTrainer(model=tiny_model_dir, reward_funcs=odd_char_reward, args=chord_config(tmp_path),
-                     train_dataset=Dataset.from_dict({"prompt": ["1+1="] * 4}), expert_dataset=make_expert_dataset(),
-                     processing_class=tokenizer)
+        ChordTrainer(
+            model=tiny_model_dir,
+            reward_funcs=odd_char_reward,
+            args=chord_config(tmp_path),
+            train_dataset=Dataset.from_dict({"prompt": ["1+1="] * 4}),
+            expert_dataset=make_expert_dataset(),
+            processing_class=tokenizer,
+        )

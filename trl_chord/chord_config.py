@@ -46,7 +46,9 @@ class ChordConfig(GRPOConfig):
 
     chord_mu_peak: float = field(
         default=0.1,
-        metadata={"help": "Weight of the SFT term at the end of the warm-up, where the cosine decay starts. In [0, 1]."},
+        metadata={
+            "help": "Weight of the SFT term at the end of the warm-up, where the cosine decay starts. In [0, 1]."
+        },
     )
     chord_mu_valley: float = field(
         default=0.1,
@@ -72,13 +74,15 @@ class ChordConfig(GRPOConfig):
     )
     chord_sft_per_device_train_batch_size: int = field(
         default=1,
-        metadata={"help": "Number of expert examples in the SFT micro-batch drawn on each process at every GRPO micro-step."},
+        metadata={
+            "help": "Number of expert examples in the SFT micro-batch drawn on each process at every GRPO micro-step."
+        },
     )
     chord_sft_max_length: int = field(
         default=1024,
         metadata={
-            "help": "Maximum length in tokens of an expert example (prompt and completion). Longer examples are cut at "
-            "the end of the completion; an example whose completion is cut away entirely is skipped and counted."
+            "help": "Maximum length in tokens of an expert example (prompt and completion). Longer examples are cut "
+            "at the end of the completion; an example whose completion is cut away entirely is skipped and counted."
         },
     )
 

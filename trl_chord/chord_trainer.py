@@ -66,26 +66,31 @@ class ChordTrainer(GRPOTrainer):
     _tag_names = ["trl", "grpo", "chord"]
     _name = "CHORD"
     _paper = {
-        "title": "On-Policy RL Meets Off-Policy Experts: Harmonizing Supervised Fine-Tuning and Reinforcement Learning "
-        "via Dynamic Weighting",
+        "title": "On-Policy RL Meets Off-Policy Experts: Harmonizing Supervised Fine-Tuning and Reinforcement "
+        "Learning via Dynamic Weighting",
         "id": "2508.11408",
         # docstyle-ignore
         "citation": textwrap.dedent("""\
             @article{zhang2025chord,
-                title        = {{On-Policy RL Meets Off-Policy Experts: Harmonizing Supervised Fine-Tuning and Reinforcement Learning via Dynamic Weighting}},
-                author       = {Wenhao Zhang and Yuexiang Xie and Yuchang Sun and Yanxi Chen and Guoyin Wang and Yaliang Li and Bolin Ding and Jingren Zhou},
+                title        = {{On-Policy RL Meets Off-Policy Experts: Harmonizing Supervised Fine-Tuning and
+                                 Reinforcement Learning via Dynamic Weighting}},
+                author       = {Wenhao Zhang and Yuexiang Xie and Yuchang Sun and Yanxi Chen and Guoyin Wang and
+                                Yaliang Li and Bolin Ding and Jingren Zhou},
                 year         = 2025,
                 eprint       = {arXiv:2508.11408},
             }"""),
     }
 
-    def __init__(self, model, reward_funcs=None, args: ChordConfig | None = None, *grpo_args, expert_dataset=None, **grpo_kwargs):
+    def __init__(
+        self, model, reward_funcs=None, args: ChordConfig | None = None, *grpo_args, expert_dataset=None, **grpo_kwargs
+    ):
         if args is None:
             model_name = model if isinstance(model, str) else model.config._name_or_path
             args = ChordConfig(f"{model_name.split('/')[-1]}-CHORD")
         elif not isinstance(args, ChordConfig):
             raise TypeError(
-                f"`args` must be a `ChordConfig` (a `GRPOConfig` with the chord_* options), got {type(args).__name__}. "
+                "`args` must be a `ChordConfig` (a `GRPOConfig` with the chord_* options), got "
+                f"{type(args).__name__}. "
                 "Build it with `ChordConfig(**grpo_config.to_dict(), chord_...=...)`."
             )
         mu_ever_positive = chord_mu_is_ever_positive(
@@ -195,8 +200,8 @@ class ChordTrainer(GRPOTrainer):
         path = os.path.join(checkpoint, CHORD_STATE_NAME)
         if not os.path.exists(path):
             raise FileNotFoundError(
-                f"Checkpoint {checkpoint} has no {CHORD_STATE_NAME}, so the expert data order cannot be resumed: it was "
-                "not written by a ChordTrainer with an expert dataset, or the save was interrupted."
+                f"Checkpoint {checkpoint} has no {CHORD_STATE_NAME}, so the expert data order cannot be resumed: it "
+                "was not written by a ChordTrainer with an expert dataset, or the save was interrupted."
             )
         with open(path) as file:
             self.expert_sampler.load_state_dict(json.load(file)["expert_sampler"])

@@ -18,7 +18,7 @@ SKIP_TRUNCATED_AWAY = "completion truncated away"
 
 
 def expert_dataset_format(column_names: list[str]) -> str:
-    """`"prompt_completion"` or `"messages"`, from the columns of an expert dataset; a clear error for anything else."""
+    """`"prompt_completion"` or `"messages"`, from an expert dataset's columns; a clear error for anything else."""
     if "prompt" in column_names and "completion" in column_names:
         return "prompt_completion"
     if "messages" in column_names:
@@ -95,7 +95,9 @@ def tokenize_expert_example(
         for turn, message in enumerate(messages):
             if message.get("role") != "assistant":
                 continue
-            start = common_prefix_length(_chat_ids(tokenizer, messages[:turn], tools, add_generation_prompt=True), input_ids)
+            start = common_prefix_length(
+                _chat_ids(tokenizer, messages[:turn], tools, add_generation_prompt=True), input_ids
+            )
             end = common_prefix_length(_chat_ids(tokenizer, messages[: turn + 1], tools), input_ids)
             completion_mask[start:end] = [1] * (end - start)
     elif conversational:

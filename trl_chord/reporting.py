@@ -25,7 +25,15 @@ class HeldOutAccuracyCallback(TrainerCallback):
         max_new_tokens (`int`): generation budget per prompt.
     """
 
-    def __init__(self, trainer, prompts, answers, is_correct: Callable[[str, str], bool], every_n_steps: int, max_new_tokens: int):
+    def __init__(
+        self,
+        trainer,
+        prompts,
+        answers,
+        is_correct: Callable[[str, str], bool],
+        every_n_steps: int,
+        max_new_tokens: int,
+    ):
         self.trainer = trainer
         self.prompts = prompts
         self.answers = answers
@@ -96,7 +104,9 @@ def plot_metrics(jsonl_path: str, png_path: str, heldout_history: list[tuple[int
         entries = [json.loads(line) for line in file if line.strip()]
     figure, axes = plt.subplots(1, len(PLOTTED_METRICS), figsize=(4 * len(PLOTTED_METRICS), 3.2))
     for axis, (key, title) in zip(axes, PLOTTED_METRICS):
-        points = [(e["step"], e[key]) for e in entries if isinstance(e.get(key), (int, float)) and math.isfinite(e[key])]
+        points = [
+            (e["step"], e[key]) for e in entries if isinstance(e.get(key), (int, float)) and math.isfinite(e[key])
+        ]
         if key == "heldout/accuracy" and heldout_history:
             points = list(heldout_history)
         if points:

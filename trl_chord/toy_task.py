@@ -32,7 +32,9 @@ def addition_datasets(num_heldout: int = 20, seed: int = 0) -> tuple[Dataset, Da
     train, heldout = addition_pairs(num_heldout, seed)
 
     def prompts(pairs):
-        return Dataset.from_dict({"prompt": [addition_prompt(a, b) for a, b in pairs], "answer": [str(a + b) for a, b in pairs]})
+        return Dataset.from_dict(
+            {"prompt": [addition_prompt(a, b) for a, b in pairs], "answer": [str(a + b) for a, b in pairs]}
+        )
 
     expert = Dataset.from_dict(
         {
