@@ -23,11 +23,16 @@ from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from trl_chord import ChordConfig, ChordTrainer
 from trl_chord.reporting import HeldOutAccuracyCallback, JsonLinesLoggerCallback, plot_metrics
+from trl_chord.rewards import math_accuracy_reward, tool_call_reward
 from trl_chord.tiny import save_tiny_model
 from trl_chord.toy_task import addition_datasets, addition_reward
 
 
-REWARD_FUNCS = {"addition_reward": addition_reward}
+REWARD_FUNCS = {
+    "addition_reward": addition_reward,
+    "math_accuracy_reward": math_accuracy_reward,
+    "tool_call_reward": tool_call_reward,
+}
 
 
 @dataclass

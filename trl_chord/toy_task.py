@@ -11,6 +11,8 @@ import re
 
 from datasets import Dataset
 
+from .rewards import completion_text
+
 
 ANSWER_PATTERN = re.compile(r"\s*(-?\d+)\s*")
 
@@ -43,11 +45,6 @@ def addition_datasets(num_heldout: int = 20, seed: int = 0) -> tuple[Dataset, Da
         }
     )
     return prompts(train), expert, prompts(heldout)
-
-
-def completion_text(completion) -> str:
-    """The text of a completion as TRL passes it to rewards: a string, or a list holding one assistant message."""
-    return completion if isinstance(completion, str) else completion[0]["content"]
 
 
 def addition_reward(completions, answer, **kwargs) -> list[float]:
