@@ -112,6 +112,11 @@ def test_recipe_trains_under_each_launch(tmp_path, launch):
         "4",
         "--heldout_eval_steps",
         "6",
+        # A short run: a constant, larger learning rate than the demo's so that the expert loss moves in 12 steps
+        "--learning_rate",
+        "3e-3",
+        "--lr_scheduler_type",
+        "constant",
         *EXTRA_ARGS.get(launch, []),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -1,0 +1,304 @@
+"""The data scripts in `recipes/data`, run as users run them, on small local files in each source's schema."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from datasets import load_dataset
+
+from trl_chord.expert_data import prepare_expert_dataset
+from trl_chord.rewards import math_accuracy_reward, tool_call_reward
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA_SCRIPTS = os.path.join(ROOT, "recipes", "data")
+MAX_EXPERT_TOKENS = 120
+
+
+def run_script(name: str, tmp_path, *arguments: str) -> str:
+    """Run a data script offline; returns its stdout."""
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(tmp_path / "cache"),
+    }
+    command = [sys.executable, os.path.join(DATA_SCRIPTS, name), *arguments]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert completed.returncode == 0, completed.stderr[-5000:]
+    return completed.stdout
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def write_jsonl(path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def user_text(messages: list[dict]) -> str:
+    return next(message["content"] for message in messages if message["role"] == "user")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# OpenR1-Math
+
+
+def math_row(uuid, problem, answer, generations, correct, complete=None) -> dict:
+    return {
+        "problem": problem,
+        "solution": f"Worked solution, ending in {answer}.",
+        "answer": answer,
+        "source": "olympiads",
+        "uuid": uuid,
+        "generations": generations,
+        "correctness_math_verify": correct,
+        "is_reasoning_complete": complete or [True] * len(generations),
+    }
+
+
+def short(answer: str) -> str:
+    return f"<think>Quick check.</think> The answer is $\\boxed{{{answer}}}$."
+
+
+def long(answer: str, length: int) -> str:
+    return f"<think>{'Let me check that again. ' * (length // 25)}</think> So $\\boxed{{{answer}}}$."
+
+
+MATH_ROWS = [
+    # First generation marked wrong, second right: the expert is the second
+    math_row("a", "What is 2+2?", "4", [short("5"), short("4")], [False, True]),
+    math_row("a-duplicate", "What is  2+2?\n", "4", [short("4")], [True]),
+    # The first correct generation is over the token limit, the second is not
+    math_row("b", "Compute 3*3.", "9", [long("9", 200), short("9")], [True, True]),
+    math_row("c", "Solve x+1=3.", "2", [short("2")], [True], complete=[False]),
+    math_row("d", "Find 10/2.", "5", [short("4"), short("6")], [False, False]),
+    math_row("e", "Find 6+1.", "7", [long("7", 300)], [True]),
+    math_row("g", "Prove that there are infinitely many primes.", "proof", [short("1")], [False]),
+    math_row("h", "What is 1+1?", "2", [short("2")], [True]),
+    # Marked correct, but its boxed answer is wrong: only `--reverify` catches it
+    math_row("i", "What is 3+4?", "7", [short("8")], [True]),
+]
+SUMMARY_REASON_NO_VERIFIED = "no generation marked correct with complete reasoning"
+
+
+@pytest.fixture(scope="module")
+def math_source(tmp_path_factory) -> str:
+    return write_jsonl(tmp_path_factory.mktemp("openr1") / "openr1.jsonl", MATH_ROWS)
+
+
+def test_openr1_math_split_with_token_limit(math_source, tmp_path, tiny_model_dir, tiny_tokenizer):
+    stdout = run_script(
+        "prepare_openr1_math.py",
+        tmp_path,
+        *("--dataset", math_source, "--output_dir", str(tmp_path / "out"), "--num_sft", "10", "--num_rl", "10"),
+        *("--tokenizer", tiny_model_dir, "--max_expert_tokens", str(MAX_EXPERT_TOKENS)),
+    )
+    assert "Expert SFT set: 4 of 10 wanted." in stdout and "WARNING" in stdout
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["expert"] == {
+        "kept": 4,
+        "rejected": {
+            SUMMARY_REASON_NO_VERIFIED: 3,  # c (reasoning incomplete), d (none correct), g
+            f"every marked-correct generation longer than {MAX_EXPERT_TOKENS} tokens": 1,  # e
+        },
+    }
+    assert summary["rl"] == {"kept": 3, "rejected": {"no checkable answer": 1}}  # g's answer is "proof"
+    assert summary["dropped"] == {"duplicate problem": 1} and summary["unused"] == 0
+
+    expert = read_jsonl(tmp_path / "out" / "expert_solutions.jsonl")
+    rl = read_jsonl(tmp_path / "out" / "rl_prompts.jsonl")
+    assert all(set(example) == {"prompt", "completion", "uuid", "source"} for example in expert)
+    assert all(set(example) == {"prompt", "solution", "uuid", "source"} for example in rl)
+    expert_uuids = {example["uuid"] for example in expert}
+    assert expert_uuids - {"a", "a-duplicate"} == {"b", "h", "i"} and len(expert_uuids & {"a", "a-duplicate"}) == 1
+    assert {example["uuid"]: example["solution"] for example in rl} == {"c": "2", "d": "5", "e": "7"}
+    expert_problems = {user_text(example["prompt"]) for example in expert}
+    assert not expert_problems & {user_text(example["prompt"]) for example in rl}
+
+    by_uuid = {example["uuid"]: example for example in expert}
+    assert by_uuid["b"]["completion"] == [{"role": "assistant", "content": short("9")}]
+    assert by_uuid["h"]["prompt"] == [
+        {
+            "role": "user",
+            "content": "What is 1+1?\n\nPlease reason step by step, and put your final answer within \\boxed{}.",
+        }
+    ]
+    for example in expert:
+        completion = example["completion"][0]["content"]
+        assert len(tiny_tokenizer(completion, add_special_tokens=False)["input_ids"]) <= MAX_EXPERT_TOKENS
+
+    # The expert set loads into the trainer's expert pipeline, the RL answers are what the math reward reads
+    expert_dataset = load_dataset("json", data_files=str(tmp_path / "out" / "expert_solutions.jsonl"), split="train")
+    assert len(prepare_expert_dataset(expert_dataset, tiny_tokenizer, max_length=1024)) == 4
+    boxed = [f"\\boxed{{{example['solution']}}}" for example in rl]
+    assert math_accuracy_reward(boxed, solution=[example["solution"] for example in rl]) == [1.0] * len(rl)
+
+
+def test_openr1_math_reverify_and_caps(math_source, tmp_path):
+    run_script(
+        "prepare_openr1_math.py",
+        tmp_path,
+        *("--dataset", math_source, "--output_dir", str(tmp_path / "out"), "--num_sft", "10", "--num_rl", "2"),
+        *("--reverify", "--seed", "7"),
+    )
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    # Without a token limit e is an expert; i's boxed 8 fails the re-check against 7
+    assert summary["expert"]["rejected"] == {
+        SUMMARY_REASON_NO_VERIFIED: 3,
+        "no marked-correct generation passed the math-verify re-check": 1,
+    }
+    expert = read_jsonl(tmp_path / "out" / "expert_solutions.jsonl")
+    rl = read_jsonl(tmp_path / "out" / "rl_prompts.jsonl")
+    assert {example["uuid"] for example in expert} - {"a", "a-duplicate"} == {"b", "e", "h"}
+    assert len(rl) == 2 and {example["uuid"] for example in rl} <= {"c", "d", "i"}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# ToolACE
+
+WEATHER = {
+    "name": "Get Weather",
+    "description": "Weather forecast for a city.",
+    "parameters": {
+        "type": "dict",
+        "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+        "required": ["city"],
+    },
+}
+NEWS = {
+    "name": "search_news",
+    "description": "Search news articles.",
+    "parameters": {"type": "dict", "properties": {"query": {"type": "string"}, "tags": {"type": "array"}}},
+}
+CLOCK = {"name": "time.now", "description": "The current time.", "parameters": {"type": "dict", "properties": {}}}
+
+
+def toolace_system(tools: list[dict]) -> str:
+    # ToolACE's shape: a preamble with a bracketed call-format example, then the tool list as JSON
+    return (
+        "You compose function calls. Answer in the format [func_name1(param1=value1), func_name2(params)].\n"
+        f"The functions you can call, in JSON:\n{json.dumps(tools)}.\nAnswer with the calls only."
+    )
+
+
+def conversation(*turns: tuple[str, str], tools=(WEATHER, NEWS, CLOCK)) -> dict:
+    return {"system": toolace_system(list(tools)), "conversations": [{"from": f, "value": v} for f, v in turns]}
+
+
+TOOLACE_ROWS = [
+    conversation(
+        ("user", "What's the weather in Paris for the next 3 days?"),
+        ("assistant", '[Get Weather(city="Paris", days=3)]'),
+        ("tool", '[{"name": "Get Weather", "results": {"forecast": "sunny"}}]'),
+        ("assistant", "It will be sunny in Paris."),
+    ),
+    conversation(
+        ("user", "Find recent AI news, and tell me the time in UTC."),
+        (
+            "assistant",
+            '[search_news(query="AI", tags=["tech", "science"], filters={"recent": true, "limit": 5}), '
+            'time.now(zone="UTC")]',
+        ),
+    ),
+    conversation(
+        ("user", "What's the weather like?"),
+        ("assistant", "Which city do you mean?"),
+        ("user", "Oslo."),
+        ("assistant", "[Get Weather(city='Oslo')]"),
+    ),
+    conversation(("user", "Tell me a joke."), ("assistant", "Why did the function return early? It had no args.")),
+    # Skipped: no tool list, an unquoted argument, a positional argument, an unlisted function, a repeated request,
+    # an unknown role
+    {"system": "You can use some tools.", "conversations": [{"from": "user", "value": "Hi"}]},
+    conversation(("user", "News about robots?"), ("assistant", "[search_news(query=robots)]")),
+    conversation(("user", "Weather in Rome?"), ("assistant", '[Get Weather("Rome")]')),
+    conversation(("user", "Delete my files."), ("assistant", "[delete_files(confirm=True)]")),
+    conversation(("user", "Hello"), ("function", "{}")),
+]
+TOOLACE_ROWS.append(TOOLACE_ROWS[0])  # a repeat: whichever copy comes first is kept, the other skipped
+EXPECTED_CALLS = {
+    "What's the weather in Paris for the next 3 days?": [
+        {"name": "Get Weather", "arguments": {"city": "Paris", "days": 3}}
+    ],
+    "Find recent AI news, and tell me the time in UTC.": [
+        {
+            "name": "search_news",
+            "arguments": {"query": "AI", "tags": ["tech", "science"], "filters": {"recent": True, "limit": 5}},
+        },
+        {"name": "time.now", "arguments": {"zone": "UTC"}},
+    ],
+    "What's the weather like?": [{"name": "Get Weather", "arguments": {"city": "Oslo"}}],
+}
+EXPECTED_SKIPPED = {
+    "tool list not readable from the system text": 1,
+    "assistant function call not readable": 2,
+    "call to a function not in the tool list": 1,
+    "first user turn repeats an earlier conversation's": 1,
+    "turn with a role other than user, assistant or tool": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def toolace_source(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("toolace") / "toolace.json"
+    path.write_text(json.dumps(TOOLACE_ROWS))  # the hub's file is one JSON list too
+    return str(path)
+
+
+def test_toolace_rl_prompts_parse_calls_exactly(toolace_source, tmp_path):
+    output_dir = tmp_path / "out"
+    run_script(
+        "prepare_toolace.py",
+        tmp_path,
+        *("--dataset", toolace_source, "--output_dir", str(output_dir), "--num_sft", "0", "--num_rl", "10"),
+    )
+    summary = json.loads((output_dir / "summary.json").read_text())
+    assert summary["skipped"] == EXPECTED_SKIPPED
+    assert summary["rl"] == {"kept": 3, "rejected": {"no assistant turn that calls a function": 1}}
+
+    rl = read_jsonl(output_dir / "rl_prompts.jsonl")
+    assert all(set(example) == {"prompt", "reference_calls"} for example in rl)
+    assert {user_text(example["prompt"]): json.loads(example["reference_calls"]) for example in rl} == EXPECTED_CALLS
+    for example in rl:
+        system = example["prompt"][0]
+        assert system["role"] == "system" and json.dumps(WEATHER) in system["content"]
+        assert example["prompt"][-1]["role"] == "user"
+    oslo = next(example for example in rl if user_text(example["prompt"]) == "What's the weather like?")
+    assert [message["role"] for message in oslo["prompt"]] == ["system", "user", "assistant", "user"]
+
+    # The calls written as the system prompt asks (a JSON list) score full marks
+    completions = [[{"role": "assistant", "content": json.dumps(json.loads(e["reference_calls"]))}] for e in rl]
+    assert tool_call_reward(completions, [example["reference_calls"] for example in rl]) == [1.0] * len(rl)
+
+
+def test_toolace_split_is_disjoint_and_experts_load(toolace_source, tmp_path, tiny_tokenizer):
+    output_dir = tmp_path / "out"
+    stdout = run_script(
+        "prepare_toolace.py",
+        tmp_path,
+        *("--dataset", toolace_source, "--output_dir", str(output_dir), "--num_sft", "2", "--num_rl", "1"),
+    )
+    assert "Expert conversations: 2 of 2 wanted." in stdout and "RL prompts: 1 of 1 wanted." in stdout
+    expert = read_jsonl(output_dir / "expert_conversations.jsonl")
+    rl = read_jsonl(output_dir / "rl_prompts.jsonl")
+    assert len(expert) == 2 and len(rl) == 1 and all(set(example) == {"messages"} for example in expert)
+    expert_requests = {user_text(example["messages"]) for example in expert}
+    assert not expert_requests & {user_text(example["prompt"]) for example in rl}
+
+    for example in expert:
+        roles = [message["role"] for message in example["messages"]]
+        assert roles[0] == "system" and set(roles[1:]) <= {"user", "assistant", "tool"}
+        # An assistant call turn is rewritten as the JSON calls that `tool_call_reward` scores 1.0
+        expected = EXPECTED_CALLS.get(user_text(example["messages"]))
+        call_turns = [m["content"] for m in example["messages"] if m["role"] == "assistant" and m["content"][0] == "["]
+        if expected is not None:
+            assert json.loads(call_turns[0]) == expected
+            assert tool_call_reward([call_turns[0]], [json.dumps(expected)]) == [1.0]
+
+    expert_dataset = load_dataset("json", data_files=str(output_dir / "expert_conversations.jsonl"), split="train")
+    assert len(prepare_expert_dataset(expert_dataset, tiny_tokenizer, max_length=4096)) == 2
