@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
 
 from trl_chord import ChordConfig, ChordTrainer, chord_mu
-from trl_chord.chord_trainer import CHORD_STATE_NAME
+from trl_chord.checkpoints import CHORD_STATE_NAME
 
 
 COMMON_ARGS = dict(
@@ -297,7 +297,7 @@ def test_resume_from_a_checkpoint_without_chord_state_fails(tiny_model_dir, tmp_
     checkpoint = tmp_path / "out" / "checkpoint-1"
     os.remove(checkpoint / CHORD_STATE_NAME)
     args = chord_config(tmp_path, max_steps=2, save_strategy="no")
-    with pytest.raises(FileNotFoundError, match=CHORD_STATE_NAME):
+    with pytest.raises(ValueError, match=f"its {CHORD_STATE_NAME} is missing or unreadable"):
         make_trainer(tiny_model_dir, args, make_expert_dataset()).train(resume_from_checkpoint=str(checkpoint))
 
 

@@ -1,5 +1,6 @@
 import functools
 import json
+import math
 import os
 import textwrap
 import types
@@ -7,12 +8,12 @@ import types
 import torch
 from accelerate.utils import is_peft_model
 from transformers import PreTrainedModel
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 from trl import GRPOTrainer
 from trl.trainer.utils import add_fused_lm_head
 
 from .callbacks import ChordMuCallback
+from .checkpoints import CHORD_STATE_NAME, checkpoint_problem, complete_checkpoints
 from .chord_config import ChordConfig
 from .expert_data import ExpertSampler, collate_expert_batch, prepare_expert_dataset
 from .losses import expert_sft_loss
@@ -20,8 +21,6 @@ from .schedule import chord_mu_is_ever_positive
 
 
 logger = logging.get_logger(__name__)
-
-CHORD_STATE_NAME = "chord_state.json"
 
 
 def add_untempered_expert_head(model: PreTrainedModel, cast_lm_head_to_fp32: bool) -> None:
@@ -152,7 +151,8 @@ class ChordTrainer(GRPOTrainer):
         mu = self.chord_mu
         # GRPOTrainer's loss is already divided by the accumulation steps; the logged terms are per micro-step
         accumulation_steps = self.current_gradient_accumulation_steps
-        stats = [grpo_loss.detach() * accumulation_steps]
+        advantages = inputs["advantages"]
+        stats = [grpo_loss.detach() * accumulation_steps, (advantages != 0).sum(), torch.tensor(advantages.numel())]
         # mu depends only on the step, so every process makes the same choice here: no collective is left waiting
         if mu > 0:
             batch = self._next_expert_batch()
@@ -170,13 +170,26 @@ class ChordTrainer(GRPOTrainer):
         else:
             loss = grpo_loss
 
-        totals = self.accelerator.reduce(torch.stack([s.float() for s in stats]), reduction="sum").tolist()
+        device = self.accelerator.device
+        totals = self.accelerator.reduce(torch.stack([s.float().to(device) for s in stats]), reduction="sum").tolist()
         num_processes = self.accelerator.num_processes
+        grpo_loss_value, nonzero_advantages, num_rollouts = totals[:3]
+        # Reduced over processes, so every process sees a bad value and stops at the same point, before any update
+        self._raise_if_not_finite("GRPO", grpo_loss_value)
         metrics = self._metrics["train"]
         metrics["chord/mu"].append(mu)
-        metrics["chord/grpo_loss"].append(totals[0] / num_processes)
+        metrics["chord/grpo_loss"].append(grpo_loss_value / num_processes)
+        metrics["chord/nonzero_advantage_frac"].append(nonzero_advantages / num_rollouts)
+        if nonzero_advantages == 0:
+            # The "loss is always 0" report: with identical rewards in every group, GRPO has nothing to learn from
+            logger.warning_once(
+                "Every rollout group of this micro-batch had identical rewards, so every advantage and the GRPO term "
+                "are 0 (see `frac_reward_zero_std` and `chord/nonzero_advantage_frac`); the SFT term still trains "
+                "whenever mu > 0. Shown once."
+            )
         if mu > 0:
-            sft_loss, nll_sum, prob_sum, weight_sum, num_tokens = totals[1:]
+            sft_loss, nll_sum, prob_sum, weight_sum, num_tokens = totals[3:]
+            self._raise_if_not_finite("SFT", sft_loss)
             metrics["chord/sft_loss"].append(sft_loss / num_processes)
             metrics["chord/expert_nll"].append(nll_sum / max(num_tokens, 1.0))
             metrics["chord/expert_token_prob"].append(prob_sum / max(num_tokens, 1.0))
@@ -185,23 +198,46 @@ class ChordTrainer(GRPOTrainer):
                 metrics["chord/phi_mean"].append(weight_sum / max(num_tokens, 1.0))
         return loss
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+    def _raise_if_not_finite(self, term: str, value: float) -> None:
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"The {term} loss is {value} at optimizer step {self.state.global_step + 1} (micro-step "
+                f"{self._step + 1} of the run): training stops before it reaches the weights. Lower the learning "
+                "rate, check the rewards and the expert data, or use bf16 rather than fp16."
+            )
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """[`~transformers.Trainer.train`], resuming only from complete checkpoints.
+
+        With `resume_from_checkpoint=True`, the newest complete checkpoint in `output_dir` is used: ones cut short by
+        a crash during the save are skipped with a warning. A checkpoint path given explicitly must be complete.
+        """
+        needs_chord_state = self.expert_sampler is not None
+        if resume_from_checkpoint is True:
+            complete, incomplete = complete_checkpoints(self.args.output_dir, needs_chord_state)
+            for checkpoint, problem in incomplete.items():
+                logger.warning(f"Not resuming from {checkpoint}: {problem}.")
+            if not complete:
+                raise ValueError(f"No complete checkpoint to resume from in {self.args.output_dir}.")
+            resume_from_checkpoint = complete[0]
+        elif isinstance(resume_from_checkpoint, str):
+            problem = checkpoint_problem(resume_from_checkpoint, needs_chord_state)
+            if problem is not None:
+                raise ValueError(f"Cannot resume from {resume_from_checkpoint}: {problem}.")
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save_rng_state(self, output_dir):
+        # The expert sampler's position is data-order state, like the RNG states, and is written with them: before
+        # trainer_state.json, which the Trainer writes last, so a checkpoint with both state files is complete.
+        super()._save_rng_state(output_dir)
         if self.expert_sampler is not None and self.args.should_save:
-            checkpoint_folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            output_dir = os.path.join(self._get_output_dir(trial=trial), checkpoint_folder)
-            with open(os.path.join(output_dir, CHORD_STATE_NAME), "w") as file:
+            temporary_path = os.path.join(output_dir, CHORD_STATE_NAME + ".tmp")
+            with open(temporary_path, "w") as file:
                 json.dump({"expert_sampler": self.expert_sampler.state_dict()}, file)
+            os.replace(temporary_path, os.path.join(output_dir, CHORD_STATE_NAME))
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
-        if self.expert_sampler is None or checkpoint is None:
-            return
-        path = os.path.join(checkpoint, CHORD_STATE_NAME)
-        if not os.path.exists(path):
-            raise FileNotFoundError(
-                f"Checkpoint {checkpoint} has no {CHORD_STATE_NAME}, so the expert data order cannot be resumed: it "
-                "was not written by a ChordTrainer with an expert dataset, or the save was interrupted."
-            )
-        with open(path) as file:
-            self.expert_sampler.load_state_dict(json.load(file)["expert_sampler"])
+        if self.expert_sampler is not None and checkpoint is not None:
+            with open(os.path.join(checkpoint, CHORD_STATE_NAME)) as file:
+                self.expert_sampler.load_state_dict(json.load(file)["expert_sampler"])
