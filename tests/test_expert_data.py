@@ -73,7 +73,9 @@ def test_truncation_and_skip_reasons(tiny_tokenizer):
     empty = {"prompt": [{"role": "user", "content": "a"}], "completion": []}
     assert tokenize_expert_example(empty, 0, tiny_tokenizer, max_length=50)["skip_reason"] == "empty completion"
     no_assistant = {"messages": [{"role": "user", "content": "a"}]}
-    assert tokenize_expert_example(no_assistant, 0, tiny_tokenizer, max_length=50)["skip_reason"] == "empty completion"
+    assert (
+        tokenize_expert_example(no_assistant, 0, tiny_tokenizer, max_length=50)["skip_reason"] == "no assistant turn"
+    )
 
 
 def test_prepare_skips_and_counts(tiny_tokenizer, caplog):

@@ -119,3 +119,74 @@ def test_every_example_is_trained_once_per_pass_across_processes(num_examples, w
             for s, sampler in zip(streams, samplers)
         ]
         assert all(a.isdisjoint(b) for i, a in enumerate(shards) for b in shards[i + 1 :])
+
+
+# The bad-input catalogue: each malformed expert row either fails before training with an error naming the row and
+# the problem, or is skipped and counted in a warning, as documented in docs/reliability.md
+GOOD_ROW = {"prompt": [{"role": "user", "content": "1+1="}], "completion": [{"role": "assistant", "content": "2"}]}
+ERROR_ROWS = [
+    ("prompt is None", {"prompt": None, "completion": "2"}, r"Expert example 1: `prompt` and `completion` must both"),
+    ("completion is None", {"prompt": "1+1=", "completion": None}, r"Expert example 1: `prompt` and `completion`"),
+    ("prompt is a number", {"prompt": 7, "completion": "2"}, r"Expert example 1: .* got int and str"),
+    ("message is a string", {"messages": ["hello"]}, r"Expert example 1: `messages` must be a list of messages"),
+    ("messages is a string", {"messages": "hello"}, r"Expert example 1: `messages` must be a list of messages"),
+    (
+        "unknown role",
+        {"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]},
+        r"Expert example 1: `messages` has messages with unknown roles \['robot'\]",
+    ),
+    ("tools is not JSON", {**GOOD_ROW, "tools": "[{oops"}, r"Expert example 1: the `tools` column is not valid JSON"),
+    ("tools is a number", {**GOOD_ROW, "tools": 3}, r"Expert example 1: `tools` must be a list or a JSON string"),
+]
+SKIPPED_ROWS = [
+    ("no assistant turn", {"messages": [{"role": "user", "content": "a"}]}, "1 with no assistant turn"),
+    ("empty completion", {"prompt": "1+1=", "completion": ""}, "1 with empty completion"),
+    (
+        "empty completion list",
+        {"prompt": [{"role": "user", "content": "a"}], "completion": []},
+        "1 with empty completion",
+    ),
+    (
+        "prompt longer than the max length",
+        {"prompt": "x" * 300, "completion": "2"},
+        "1 with completion truncated away",
+    ),
+]
+
+
+def _bad_row_dataset(bad_row):
+    # The good row first, then the bad one, as rows of a plain Python list (no Arrow schema to reconcile)
+    if "messages" in bad_row:
+        first = {"messages": GOOD_ROW["prompt"] + GOOD_ROW["completion"]}
+    else:
+        first = {"prompt": "1+1=", "completion": "2"} if isinstance(bad_row["prompt"], str) else GOOD_ROW
+    return [{**first, **({"tools": None} if "tools" in bad_row else {})}, bad_row]
+
+
+@pytest.mark.parametrize("name, row, message", ERROR_ROWS, ids=[case[0] for case in ERROR_ROWS])
+def test_malformed_expert_row_is_named(tiny_tokenizer, name, row, message):
+    from trl_chord.expert_data import tokenize_expert_example
+
+    rows = _bad_row_dataset(row)
+    tokenize_expert_example(rows[0], 0, tiny_tokenizer, max_length=256)
+    with pytest.raises(ValueError, match=message):
+        tokenize_expert_example(rows[1], 1, tiny_tokenizer, max_length=256)
+
+
+@pytest.mark.parametrize("name, row, counted", SKIPPED_ROWS, ids=[case[0] for case in SKIPPED_ROWS])
+def test_unusable_expert_row_is_skipped_and_counted(tiny_tokenizer, caplog, name, row, counted):
+    import logging
+
+    from trl_chord.expert_data import prepare_expert_dataset
+
+    with caplog.at_level(logging.WARNING):
+        kept = prepare_expert_dataset(Dataset.from_list(_bad_row_dataset(row)), tiny_tokenizer, max_length=256)
+    assert len(kept) == 1
+    assert f"Skipped 1 of 2 expert examples: {counted}" in caplog.text
+
+
+def test_a_long_completion_is_cut_not_dropped(tiny_tokenizer):
+    from trl_chord.expert_data import prepare_expert_dataset
+
+    kept = prepare_expert_dataset(Dataset.from_list([{"prompt": "1+1=", "completion": "2" * 500}]), tiny_tokenizer, 64)
+    assert len(kept[0]["input_ids"]) == 64 and sum(kept[0]["completion_mask"]) == 60

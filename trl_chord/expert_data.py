@@ -14,7 +14,10 @@ from trl.data_utils import common_prefix_length
 logger = logging.get_logger(__name__)
 
 SKIP_EMPTY_COMPLETION = "empty completion"
+SKIP_NO_ASSISTANT_TURN = "no assistant turn"
 SKIP_TRUNCATED_AWAY = "completion truncated away"
+# Roles that chat templates of common model families render; anything else is a data error, not a new role
+KNOWN_ROLES = {"system", "developer", "user", "assistant", "tool", "ipython", "function"}
 
 
 def expert_dataset_format(column_names: list[str]) -> str:
@@ -46,6 +49,12 @@ def _check_messages(messages: Any, column: str, index: int) -> None:
         raise ValueError(
             f"Expert example {index}: `{column}` must be a list of messages (dicts with `role` and `content`), got "
             f"{type(messages).__name__}: {str(messages)[:80]!r}."
+        )
+    unknown_roles = {message["role"] for message in messages} - KNOWN_ROLES
+    if unknown_roles:
+        raise ValueError(
+            f"Expert example {index}: `{column}` has messages with unknown roles {sorted(map(str, unknown_roles))}; "
+            f"expected roles among {sorted(KNOWN_ROLES)}."
         )
 
 
@@ -88,7 +97,8 @@ def tokenize_expert_example(
     """
     tools = _load_tools(example.get("tools"), index)
     conversational = example_is_conversational(example, index)
-    if "messages" in example and not ("prompt" in example and "completion" in example):
+    messages_format = "messages" in example and not ("prompt" in example and "completion" in example)
+    if messages_format:
         messages = example["messages"]
         input_ids = _chat_ids(tokenizer, messages, tools)
         completion_mask = [0] * len(input_ids)
@@ -116,7 +126,9 @@ def tokenize_expert_example(
     # The first token has no prediction, so it never counts as a trained token
     has_completion = any(completion_mask[1:])
     input_ids, completion_mask = input_ids[:max_length], completion_mask[:max_length]
-    if not has_completion:
+    if messages_format and not any(message["role"] == "assistant" for message in example["messages"]):
+        skip_reason = SKIP_NO_ASSISTANT_TURN
+    elif not has_completion:
         skip_reason = SKIP_EMPTY_COMPLETION
     elif not any(completion_mask[1:]):
         skip_reason = SKIP_TRUNCATED_AWAY
