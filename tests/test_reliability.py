@@ -190,3 +190,169 @@ def test_a_long_completion_is_cut_not_dropped(tiny_tokenizer):
 
     kept = prepare_expert_dataset(Dataset.from_list([{"prompt": "1+1=", "completion": "2" * 500}]), tiny_tokenizer, 64)
     assert len(kept[0]["input_ids"]) == 64 and sum(kept[0]["completion_mask"]) == 60
+
+
+def _trainer(model_dir, tmp_path, reward, **overrides):
+    args = ChordConfig(
+        **{
+            "output_dir": str(tmp_path / "out"),
+            "per_device_train_batch_size": 4,
+            "num_generations": 4,
+            "max_completion_length": 6,
+            "max_steps": 2,
+            "logging_steps": 1,
+            "report_to": "none",
+            "bf16": False,
+            "save_strategy": "no",
+            "learning_rate": 1e-2,
+            "chord_mu_valley": 0.5,
+            **overrides,
+        }
+    )
+    from helpers import make_expert_dataset, make_rl_prompts
+
+    return ChordTrainer(
+        model=model_dir,
+        reward_funcs=reward,
+        args=args,
+        train_dataset=make_rl_prompts(),
+        expert_dataset=make_expert_dataset(),
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+    )
+
+
+def _parameters(trainer):
+    return {name: param.detach().clone() for name, param in trainer.model.named_parameters()}
+
+
+def test_nan_in_the_grpo_term_stops_before_the_update(tiny_model_dir, tmp_path, monkeypatch):
+    from helpers import odd_char_reward
+    from trl import GRPOTrainer
+
+    compute_grpo_loss = GRPOTrainer._compute_loss
+    monkeypatch.setattr(GRPOTrainer, "_compute_loss", lambda self, *a: compute_grpo_loss(self, *a) * float("nan"))
+    trainer = _trainer(tiny_model_dir, tmp_path, odd_char_reward)
+    before = _parameters(trainer)
+    with pytest.raises(FloatingPointError, match=r"The GRPO loss is nan at optimizer step 1 \(micro-step 1"):
+        trainer.train()
+    assert all(torch.equal(before[name], param) for name, param in _parameters(trainer).items())
+
+
+def test_nan_in_the_sft_term_stops_before_the_update(tiny_model_dir, tmp_path, monkeypatch):
+    from helpers import odd_char_reward
+
+    import trl_chord.chord_trainer as chord_trainer
+
+    def poisoned_loss(*args, **kwargs):
+        output = expert_sft_loss(*args, **kwargs)
+        output.loss = output.loss * float("nan")
+        return output
+
+    expert_sft_loss = chord_trainer.expert_sft_loss
+    trainer = _trainer(tiny_model_dir, tmp_path, odd_char_reward)
+    trainer.train()  # two healthy steps
+    monkeypatch.setattr(chord_trainer, "expert_sft_loss", poisoned_loss)
+    trainer.args.max_steps = 4
+    before = _parameters(trainer)
+    with pytest.raises(FloatingPointError, match=r"The SFT loss is nan at optimizer step 1"):
+        trainer.train()  # a fresh train() call restarts at step 1 (no resume)
+    assert all(torch.equal(before[name], param) for name, param in _parameters(trainer).items())
+
+
+def test_bf16_autocast_on_cpu_gives_finite_losses(tiny_model_dir, tmp_path):
+    from helpers import odd_char_reward
+
+    trainer = _trainer(tiny_model_dir, tmp_path, odd_char_reward, bf16=True, use_cpu=True, max_steps=3)
+    trainer.train()
+    history = [entry for entry in trainer.state.log_history if "chord/sft_loss" in entry]
+    assert len(history) == 3
+    for entry in history:
+        for key in ("loss", "chord/sft_loss", "chord/grpo_loss", "chord/expert_nll"):
+            assert torch.isfinite(torch.tensor(entry[key])), (key, entry[key])
+
+
+def test_identical_rewards_make_the_zero_grpo_term_visible(tiny_model_dir, tmp_path, caplog):
+    import logging
+
+    def constant_reward(completions, **kwargs):
+        return [1.0] * len(completions)
+
+    trainer = _trainer(tiny_model_dir, tmp_path, constant_reward)
+    before = _parameters(trainer)
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "chord/mu" in entry]
+    assert [entry["chord/nonzero_advantage_frac"] for entry in logs] == [0.0, 0.0]
+    assert [entry["chord/grpo_loss"] for entry in logs] == [0.0, 0.0]
+    assert [entry["frac_reward_zero_std"] for entry in logs] == [1.0, 1.0]
+    assert all(entry["chord/sft_loss"] > 0 for entry in logs)
+    assert "every advantage and the GRPO term are 0" in caplog.text
+    assert any(not torch.equal(before[name], param) for name, param in _parameters(trainer).items())
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as file:
+        return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+RSS_GROWTH_BOUND = 64 * 2**20
+
+
+@pytest.mark.slow
+def test_200_steps_cycling_the_expert_set_do_not_grow_memory(tiny_model_dir, tmp_path):
+    from helpers import odd_char_reward
+    from transformers import TrainerCallback
+
+    class RssProbe(TrainerCallback):
+        samples = {}
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step in (50, 200):
+                self.samples[state.global_step] = _rss_bytes()
+
+    # 7 expert examples, 2 per micro-batch: 200 steps cycle the expert set 57 times
+    trainer = _trainer(
+        tiny_model_dir,
+        tmp_path,
+        odd_char_reward,
+        max_steps=200,
+        logging_steps=10,
+        chord_sft_per_device_train_batch_size=2,
+    )
+    trainer.expert_dataset = trainer.expert_dataset.select(range(7))
+    trainer.expert_sampler = ExpertSampler(7, batch_size=2, seed=0)
+    probe = RssProbe()
+    trainer.add_callback(probe)
+    trainer.train()
+    assert trainer.expert_sampler.examples_drawn == 400
+    growth = probe.samples[200] - probe.samples[50]
+    assert growth < RSS_GROWTH_BOUND, f"RSS grew by {growth / 2**20:.1f} MiB from step 50 to step 200"
+
+
+def test_nothing_loads_remote_code_or_unpickles_user_data():
+    import re
+
+    root = os.path.dirname(HERE)
+    sources = [
+        os.path.join(d, f)
+        for base in ("trl_chord", "recipes")
+        for d, _, files in os.walk(os.path.join(root, base))
+        for f in files
+        if f.endswith(".py")
+    ]
+    forbidden = re.compile(
+        r"trust_remote_code\s*=\s*True|import pickle|pickle\.loads?\(|torch\.load\(|(?<![.\w])(eval|exec)\("
+    )
+    offenders = [(path, line) for path in sources for line in open(path) if forbidden.search(line)]
+    assert offenders == []
+    assert ChordConfig(output_dir="unused", report_to="none", bf16=False).trust_remote_code is False
+
+
+def test_recipe_refuses_local_files_it_cannot_read_safely(tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "recipes"))
+    from chord import load_any_dataset
+
+    pickled = tmp_path / "data.pkl"
+    pickled.write_bytes(b"not loaded")
+    with pytest.raises(ValueError, match="must be a .json, .jsonl or .parquet file"):
+        load_any_dataset(str(pickled), None, "train")

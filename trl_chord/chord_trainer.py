@@ -114,6 +114,7 @@ class ChordTrainer(GRPOTrainer):
             args.chord_mu_peak, args.chord_mu_valley, args.chord_mu_warmup_steps, args.chord_mu_decay_steps
         )
         self.add_callback(self.mu_callback)
+        self._warned_zero_advantages = False
         self.expert_dataset = None
         self.expert_sampler = None
         if expert_dataset is not None:
@@ -180,13 +181,14 @@ class ChordTrainer(GRPOTrainer):
         metrics["chord/mu"].append(mu)
         metrics["chord/grpo_loss"].append(grpo_loss_value / num_processes)
         metrics["chord/nonzero_advantage_frac"].append(nonzero_advantages / num_rollouts)
-        if nonzero_advantages == 0:
+        if nonzero_advantages == 0 and not self._warned_zero_advantages:
             # The "loss is always 0" report: with identical rewards in every group, GRPO has nothing to learn from
-            logger.warning_once(
-                "Every rollout group of this micro-batch had identical rewards, so every advantage and the GRPO term "
-                "are 0 (see `frac_reward_zero_std` and `chord/nonzero_advantage_frac`); the SFT term still trains "
-                "whenever mu > 0. Shown once."
+            logger.warning(
+                f"At optimizer step {self.state.global_step + 1}, every rollout group had identical rewards, so every "
+                "advantage and the GRPO term are 0 (see `frac_reward_zero_std` and `chord/nonzero_advantage_frac`); "
+                "the SFT term still trains whenever mu > 0. Shown once per run."
             )
+            self._warned_zero_advantages = True
         if mu > 0:
             sft_loss, nll_sum, prob_sum, weight_sum, num_tokens = totals[3:]
             self._raise_if_not_finite("SFT", sft_loss)
