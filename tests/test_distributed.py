@@ -31,11 +31,15 @@ def assert_shards_disjoint_within_each_pass(ranks, num_examples):
     for rank in ranks:
         assert rank["num_processes"] == 2
     streams = [sum(rank["drawn"], []) for rank in ranks]
-    # The first pass of each process is its first `shard_size` draws: disjoint, and together every example once
-    first_pass = [set(stream[: rank["shard_size"]]) for stream, rank in zip(streams, ranks)]
-    assert all(len(part) == rank["shard_size"] for part, rank in zip(first_pass, ranks))
-    assert first_pass[0].isdisjoint(first_pass[1])
-    assert first_pass[0] | first_pass[1] == set(range(num_examples))
+    # Pass e of a process is its draws e * shard_size to (e + 1) * shard_size: in every pass both processes completed,
+    # their examples are disjoint, and together every example once
+    num_passes = min(len(stream) // rank["shard_size"] for stream, rank in zip(streams, ranks))
+    assert num_passes >= 1
+    for epoch in range(num_passes):
+        parts = [stream[epoch * r["shard_size"] : (epoch + 1) * r["shard_size"]] for stream, r in zip(streams, ranks)]
+        assert all(len(set(part)) == len(part) for part in parts)
+        assert set(parts[0]).isdisjoint(parts[1])
+        assert set(parts[0]) | set(parts[1]) == set(range(num_examples))
 
 
 @pytest.mark.slow
@@ -71,3 +75,16 @@ def test_deepspeed_zero_with_mu_crossing_to_zero(tiny_model_dir, tmp_path, zero_
     assert all(len(rank["drawn"]) == 4 for rank in ranks)
     assert ranks[0]["sft_loss"][2:] == [None, None] and None not in ranks[0]["sft_loss"][:2]
     assert_shards_disjoint_within_each_pass(ranks, 13)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [None, 3], ids=["ddp", "zero3"])
+def test_expert_set_smaller_than_one_global_expert_batch_repeats(tiny_model_dir, tmp_path, zero_stage):
+    # 3 examples for 2 processes x 2 per micro-batch: each process's micro-batches wrap around its shard (documented)
+    extra = [] if zero_stage is None else ["--zero-stage", str(zero_stage)]
+    ranks = launch("torchrun", tiny_model_dir, tmp_path, "--num-expert-examples", "3", "--max-steps", "2", *extra)
+    assert [rank["shard_size"] for rank in ranks] == [2, 1]
+    assert all(len(rank["drawn"]) == 4 for rank in ranks)  # 2 steps x 2 accumulation steps, on both ranks
+    # Rank 1 has one example per pass, so each of its micro-batches spans two passes (reshuffled each pass)
+    assert len(sum(ranks[1]["drawn"], [])) == 8
+    assert_shards_disjoint_within_each_pass(ranks, 3)
