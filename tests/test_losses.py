@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from trl_chord import expert_sft_loss, phi_token_weights
+from trl_chord import expert_sft_loss, phi_token_weights, token_weights
 
 
 def _example(seed=0):
@@ -17,7 +18,8 @@ def _logps(logits, labels):
 
 def test_plain_loss_is_token_mean_cross_entropy():
     logits, labels, mask = _example()
-    out = expert_sft_loss(_logps(logits, labels), mask, use_phi=False)
+    logps = _logps(logits, labels)
+    out = expert_sft_loss(logps, mask, token_weights("uniform", logps, mask))
     expected = torch.nn.functional.cross_entropy(logits[mask.bool()], labels[mask.bool()])
     torch.testing.assert_close(out.loss, expected)
     assert out.num_tokens.item() == mask.sum().item()
@@ -34,7 +36,8 @@ def test_phi_is_p_times_one_minus_p_and_detached():
 def test_phi_loss_gradient_treats_phi_as_a_constant():
     logits, labels, mask = _example(1)
     logits.requires_grad_(True)
-    expert_sft_loss(_logps(logits, labels), mask, use_phi=True).loss.backward()
+    logps = _logps(logits, labels)
+    expert_sft_loss(logps, mask, token_weights("phi", logps, mask)).loss.backward()
     grad = logits.grad.clone()
 
     # Independent oracle: the weights as plain numbers (no graph at all), then the weighted cross-entropy by hand
@@ -55,5 +58,33 @@ def test_phi_loss_gradient_treats_phi_as_a_constant():
 
 def test_empty_mask_gives_a_zero_loss_not_nan():
     logits, labels, _ = _example()
-    out = expert_sft_loss(_logps(logits, labels), torch.zeros(3, 5), use_phi=True)
+    logps, mask = _logps(logits, labels), torch.zeros(3, 5)
+    out = expert_sft_loss(logps, mask, token_weights("phi", logps, mask))
     assert out.loss.item() == 0.0 and out.num_tokens.item() == 0
+
+
+def test_other_token_weightings_match_their_formulas():
+    logits, labels, mask = _example(2)
+    logps = _logps(logits, labels)
+    probs = logps.exp()
+    torch.testing.assert_close(token_weights("is", logps, mask), probs)
+    torch.testing.assert_close(token_weights("focal", logps, mask, focal_gamma=3.0), (1 - probs) ** 3)
+    distribution = torch.softmax(logits, -1)
+    entropy = -(distribution * distribution.log()).sum(-1)
+    weights = token_weights("entropy", logps, mask, entropies=entropy)
+    torch.testing.assert_close(weights, entropy / entropy[mask.bool()].mean())
+    assert weights[mask.bool()].mean().item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="Unknown token weighting 'top5'"):
+        token_weights("top5", logps, mask)
+
+
+def test_weights_never_carry_a_gradient():
+    logits, labels, mask = _example(3)
+    logits.requires_grad_(True)
+    logps = _logps(logits, labels)
+    live_weights = logps.exp()  # deliberately attached to the graph: the loss must detach it
+    expert_sft_loss(logps, mask, live_weights).loss.backward()
+    oracle = logits.detach().clone().requires_grad_(True)
+    oracle_logps = _logps(oracle, labels)
+    (-(oracle_logps * logps.exp().detach() * mask).sum() / mask.sum()).backward()
+    torch.testing.assert_close(logits.grad, oracle.grad)

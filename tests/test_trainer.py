@@ -87,11 +87,23 @@ def test_expert_dataset_with_mu_always_zero_warns(tiny_model_dir, tmp_path, capl
 
 
 # 2. mu = 1: one SGD step is exactly -lr * grad of the expert NLL, computed independently
-def expert_nll_gradient(model_dir, expert_dataset, use_phi: bool) -> dict[str, torch.Tensor]:
-    """Token-mean NLL of the expert completions with the model's plain forward at temperature 1, and its gradient."""
+def oracle_weights(weighting: str, logits: torch.Tensor, logps: torch.Tensor) -> torch.Tensor:
+    """Detached token weights computed from the full distribution, independently of trl_chord.losses."""
+    probs = logps.exp().detach()
+    if weighting == "entropy":  # raw entropies here; normalised by the mean over all tokens by the caller
+        distribution = torch.softmax(logits.detach(), -1)
+        return -(distribution * distribution.log()).sum(-1)
+    return {"uniform": torch.ones_like(probs), "phi": probs * (1 - probs), "is": probs, "focal": (1 - probs) ** 2}[
+        weighting
+    ]
+
+
+def expert_nll_gradient(model_dir, expert_dataset, weighting: str) -> dict[str, torch.Tensor]:
+    """Token-mean weighted NLL of the expert completions with the model's plain forward at temperature 1, and its
+    gradient."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    total, count = 0.0, 0
+    terms, all_weights = [], []
     for example in expert_dataset:
         prompt_ids = tokenizer.apply_chat_template(
             example["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True
@@ -100,25 +112,27 @@ def expert_nll_gradient(model_dir, expert_dataset, use_phi: bool) -> dict[str, t
             example["prompt"] + example["completion"], tokenize=True, return_dict=True
         )["input_ids"]
         assert full_ids[: len(prompt_ids)] == prompt_ids
-        logits = model(torch.tensor([full_ids])).logits[0, :-1].float()
-        targets = torch.tensor(full_ids[1:])
-        logps = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)[len(prompt_ids) - 1 :]
-        weight = (logps.exp() * (1 - logps.exp())).detach() if use_phi else torch.ones_like(logps)
-        total = total + (-logps * weight).sum()
-        count += logps.numel()
-    (total / count).backward()
+        logits = model(torch.tensor([full_ids])).logits[0, :-1].float()[len(prompt_ids) - 1 :]
+        targets = torch.tensor(full_ids[len(prompt_ids) :])
+        logps = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+        terms.append(-logps)
+        all_weights.append(oracle_weights(weighting, logits, logps))
+    weights = torch.cat(all_weights)
+    if weighting == "entropy":
+        weights = weights / weights.mean()
+    (torch.cat(terms) * weights).mean().backward()
     return {name: param.grad.clone() for name, param in model.named_parameters()}
 
 
-@pytest.mark.parametrize("use_phi", [False, True])
-def test_mu_one_sgd_step_follows_the_expert_gradient(tiny_model_dir, tmp_path, use_phi):
+@pytest.mark.parametrize("weighting", ["uniform", "phi", "is", "focal", "entropy"])
+def test_mu_one_sgd_step_follows_the_expert_gradient(tiny_model_dir, tmp_path, weighting):
     expert = make_expert_dataset(5)
     lr = 0.5
     args = chord_config(
         tmp_path,
         chord_mu_peak=1.0,
         chord_mu_valley=1.0,
-        chord_enable_phi_function=use_phi,
+        chord_token_weighting=weighting,
         chord_sft_per_device_train_batch_size=len(expert),  # the whole set: its token mean does not depend on order
         temperature=0.7,  # rollouts are tempered, the SFT term must not be
         optim="sgd",
@@ -131,7 +145,7 @@ def test_mu_one_sgd_step_follows_the_expert_gradient(tiny_model_dir, tmp_path, u
     before = weights(trainer)
     trainer.train()
     after = weights(trainer)
-    grads = expert_nll_gradient(tiny_model_dir, expert, use_phi)
+    grads = expert_nll_gradient(tiny_model_dir, expert, weighting)
     assert set(grads) == set(after)
     for name, grad in grads.items():
         torch.testing.assert_close(after[name] - before[name], -lr * grad, rtol=1e-4, atol=1e-7, msg=name)
@@ -144,7 +158,10 @@ def test_mu_one_sgd_step_follows_the_expert_gradient(tiny_model_dir, tmp_path, u
 
 def test_phi_changes_the_update(tiny_model_dir):
     expert = make_expert_dataset(5)
-    plain, phi = expert_nll_gradient(tiny_model_dir, expert, False), expert_nll_gradient(tiny_model_dir, expert, True)
+    plain, phi = (
+        expert_nll_gradient(tiny_model_dir, expert, "uniform"),
+        expert_nll_gradient(tiny_model_dir, expert, "phi"),
+    )
     assert not torch.allclose(plain["model.norm.weight"], phi["model.norm.weight"])
 
 
@@ -161,6 +178,23 @@ def test_logged_mu_follows_the_schedule(tiny_model_dir, tmp_path):
     sft_steps = [entry["step"] for entry in trainer.state.log_history if "chord/sft_loss" in entry]
     assert sft_steps == [2, 3, 4, 5, 6, 7]
     assert trainer.expert_sampler.examples_drawn == 6 * args.chord_sft_per_device_train_batch_size
+
+
+def test_adaptive_mu_follows_the_on_policy_reward(tiny_model_dir, tmp_path):
+    args = chord_config(tmp_path, chord_mu_schedule="adaptive", chord_adaptive_mu_tau=0.75, max_steps=6)
+    trainer = make_trainer(tiny_model_dir, args, make_expert_dataset())
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "chord/mu" in entry]
+    assert len(logs) == 6
+    for entry in logs:
+        assert entry["chord/mu"] == pytest.approx(min(1.0, max(0.0, 0.75 - entry["reward"])))
+        assert ("chord/sft_loss" in entry) == (entry["chord/mu"] > 0)
+    assert len({entry["chord/mu"] for entry in logs}) > 1
+
+
+def test_adaptive_mu_needs_an_expert_dataset(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="no `expert_dataset` was given"):
+        make_trainer(tiny_model_dir, chord_config(tmp_path, chord_mu_schedule="adaptive"))
 
 
 def test_metrics_are_logged(tiny_model_dir, tmp_path):
@@ -242,7 +276,7 @@ def test_gradient_accumulation_scales_the_sft_term(tiny_model_dir, tmp_path):
     trainer.train()
     after = weights(trainer)
     assert len(drawn) == 2 and sorted(sum(drawn, [])) == [0, 1, 2, 3]
-    oracle = [expert_nll_gradient(tiny_model_dir, expert.select(indices), False) for indices in drawn]
+    oracle = [expert_nll_gradient(tiny_model_dir, expert.select(indices), "uniform") for indices in drawn]
     for name in after:
         expected = -0.5 * (oracle[0][name] + oracle[1][name]) / 2
         torch.testing.assert_close(after[name] - before[name], expected, rtol=1e-4, atol=1e-7, msg=name)
@@ -311,6 +345,9 @@ def test_resume_from_a_checkpoint_without_chord_state_fails(tiny_model_dir, tmp_
         (dict(chord_mu_decay_steps=-5), "`chord_mu_decay_steps` must be a number of optimizer steps >= 0"),
         (dict(chord_sft_per_device_train_batch_size=0), "`chord_sft_per_device_train_batch_size` must be >= 1"),
         (dict(chord_sft_max_length=1), "`chord_sft_max_length` must be >= 2"),
+        (dict(chord_mu_schedule="linear"), "`chord_mu_schedule` must be 'cosine' or 'adaptive'"),
+        (dict(chord_adaptive_mu_tau=-1.0), "`chord_adaptive_mu_tau` must be >= 0"),
+        (dict(chord_token_weighting="top5"), "`chord_token_weighting` must be one of"),
     ],
 )
 def test_bad_config_values(tmp_path, overrides, message):

@@ -3,10 +3,19 @@
 from .callbacks import ChordMuCallback
 from .chord_config import ChordConfig
 from .chord_trainer import ChordTrainer
-from .losses import expert_sft_loss, phi_token_weights
-from .schedule import chord_mu
+from .losses import expert_sft_loss, phi_token_weights, token_weights
+from .schedule import adaptive_chord_mu, chord_mu
 
 
 __version__ = "0.1.0"
 
-__all__ = ["ChordConfig", "ChordMuCallback", "ChordTrainer", "chord_mu", "expert_sft_loss", "phi_token_weights"]
+__all__ = [
+    "ChordConfig",
+    "ChordMuCallback",
+    "ChordTrainer",
+    "adaptive_chord_mu",
+    "chord_mu",
+    "expert_sft_loss",
+    "phi_token_weights",
+    "token_weights",
+]

@@ -2,6 +2,8 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
+from .losses import TOKEN_WEIGHTINGS
+
 
 @dataclass
 class ChordConfig(GRPOConfig):
@@ -31,12 +33,24 @@ class ChordConfig(GRPOConfig):
             Number of optimizer steps of linear warm-up of `mu` from 0 to `chord_mu_peak`.
         chord_mu_decay_steps (`int`, *optional*, defaults to `0`):
             Number of optimizer steps of cosine decay of `mu` from `chord_mu_peak` to `chord_mu_valley`.
+        chord_mu_schedule (`str`, *optional*, defaults to `"cosine"`):
+            `"cosine"`: the CHORD-mu schedule above. `"adaptive"`: the paper's adaptive variant,
+            `mu = max(0, chord_adaptive_mu_tau - mean on-policy reward)` (capped at 1), recomputed each time a batch of
+            rollouts is scored; the four options above are then unused.
+        chord_adaptive_mu_tau (`float`, *optional*, defaults to `0.5`):
+            Reward threshold `tau` of the adaptive schedule (0.5 in the paper).
 
         > Parameters that control the expert SFT term
 
         chord_enable_phi_function (`bool`, *optional*, defaults to `True`):
             Whether to weight each expert token's `-log p` by `phi = p * (1 - p)`, detached (CHORD-phi). `p` is the
-            policy's probability of the expert token at temperature 1.
+            policy's probability of the expert token at temperature 1. Ignored when `chord_token_weighting` is set.
+        chord_token_weighting (`str`, *optional*):
+            Detached weight `w` of each expert token's `-log p`: `"uniform"` (1), `"phi"` (`p * (1 - p)`), `"is"`
+            (`p`, importance sampling), `"entropy"` (the token's entropy over the micro-batch mean) or `"focal"`
+            (`(1 - p) ** chord_focal_gamma`). Unset: `"phi"` if `chord_enable_phi_function` else `"uniform"`.
+        chord_focal_gamma (`float`, *optional*, defaults to `2.0`):
+            Exponent of the focal token weighting.
         chord_sft_per_device_train_batch_size (`int`, *optional*, defaults to `1`):
             Number of expert examples in the SFT micro-batch drawn on each process at every GRPO micro-step.
         chord_sft_max_length (`int`, *optional*, defaults to `1024`):
@@ -65,6 +79,17 @@ class ChordConfig(GRPOConfig):
         default=0,
         metadata={"help": "Number of optimizer steps of cosine decay of mu from chord_mu_peak to chord_mu_valley."},
     )
+    chord_mu_schedule: str = field(
+        default="cosine",
+        metadata={
+            "help": "cosine: the CHORD-mu schedule. adaptive: mu = max(0, chord_adaptive_mu_tau - mean on-policy "
+            "reward), recomputed for each batch of rollouts.",
+            "choices": ["cosine", "adaptive"],
+        },
+    )
+    chord_adaptive_mu_tau: float = field(
+        default=0.5, metadata={"help": "Reward threshold tau of the adaptive mu schedule (0.5 in the paper)."}
+    )
     chord_enable_phi_function: bool = field(
         default=True,
         metadata={
@@ -72,6 +97,15 @@ class ChordConfig(GRPOConfig):
             "the policy's probability of the expert token at temperature 1."
         },
     )
+    chord_token_weighting: str | None = field(
+        default=None,
+        metadata={
+            "help": "Detached weight of each expert token's -log p: uniform, phi (p(1-p)), is (p), entropy (entropy / "
+            "mean entropy) or focal ((1-p)^gamma). Unset: phi if chord_enable_phi_function else uniform.",
+            "choices": list(TOKEN_WEIGHTINGS),
+        },
+    )
+    chord_focal_gamma: float = field(default=2.0, metadata={"help": "Exponent of the focal token weighting."})
     chord_sft_per_device_train_batch_size: int = field(
         default=1,
         metadata={
@@ -105,4 +139,15 @@ class ChordConfig(GRPOConfig):
                 "`chord_sft_max_length` must be >= 2 tokens (a prompt token and a completion token), got "
                 f"{self.chord_sft_max_length}."
             )
+        if self.chord_mu_schedule not in ("cosine", "adaptive"):
+            raise ValueError(f"`chord_mu_schedule` must be 'cosine' or 'adaptive', got {self.chord_mu_schedule!r}.")
+        if self.chord_adaptive_mu_tau < 0:
+            raise ValueError(f"`chord_adaptive_mu_tau` must be >= 0, got {self.chord_adaptive_mu_tau}.")
+        if self.chord_token_weighting is None:
+            self.chord_token_weighting = "phi" if self.chord_enable_phi_function else "uniform"
+        elif self.chord_token_weighting not in TOKEN_WEIGHTINGS:
+            raise ValueError(
+                f"`chord_token_weighting` must be one of {TOKEN_WEIGHTINGS}, got {self.chord_token_weighting!r}."
+            )
+        self.chord_enable_phi_function = self.chord_token_weighting == "phi"
         super().__post_init__()

@@ -16,14 +16,14 @@ from .callbacks import ChordMuCallback
 from .checkpoints import CHORD_STATE_NAME, checkpoint_problem, complete_checkpoints
 from .chord_config import ChordConfig
 from .expert_data import ExpertSampler, collate_expert_batch, prepare_expert_dataset
-from .losses import expert_sft_loss
+from .losses import expert_sft_loss, token_weights
 from .schedule import chord_mu_is_ever_positive
 
 
 logger = logging.get_logger(__name__)
 
 
-def add_untempered_expert_head(model: PreTrainedModel, cast_lm_head_to_fp32: bool) -> None:
+def add_untempered_expert_head(model: PreTrainedModel, cast_lm_head_to_fp32: bool, with_entropy: bool = False) -> None:
     """
     Give `model` a second fused LM head, at temperature 1, reached with `model(..., chord_expert_logps=True)`.
 
@@ -32,7 +32,8 @@ def add_untempered_expert_head(model: PreTrainedModel, cast_lm_head_to_fp32: boo
     `(batch, seq_len, vocab)` logits. Every other call goes to GRPOTrainer's forward unchanged.
     """
     grpo_forward = model.forward
-    add_fused_lm_head(model, temperature=1.0, cast_lm_head_to_fp32=cast_lm_head_to_fp32, outputs=("log_probs",))
+    outputs = ("log_probs", "entropy") if with_entropy else ("log_probs",)
+    add_fused_lm_head(model, temperature=1.0, cast_lm_head_to_fp32=cast_lm_head_to_fp32, outputs=outputs)
     untempered_forward = model.forward
 
     # Keep the original signature: `generate` validates its model kwargs against it
@@ -92,14 +93,20 @@ class ChordTrainer(GRPOTrainer):
                 f"{type(args).__name__}. "
                 "Build it with `ChordConfig(**grpo_config.to_dict(), chord_...=...)`."
             )
-        mu_ever_positive = chord_mu_is_ever_positive(
-            args.chord_mu_peak, args.chord_mu_valley, args.chord_mu_warmup_steps, args.chord_mu_decay_steps
-        )
+        if args.chord_mu_schedule == "adaptive":
+            mu_ever_positive = args.chord_adaptive_mu_tau > 0
+        else:
+            mu_ever_positive = chord_mu_is_ever_positive(
+                args.chord_mu_peak, args.chord_mu_valley, args.chord_mu_warmup_steps, args.chord_mu_decay_steps
+            )
         if mu_ever_positive and expert_dataset is None:
+            if args.chord_mu_schedule == "adaptive":
+                schedule = f"chord_mu_schedule='adaptive', chord_adaptive_mu_tau={args.chord_adaptive_mu_tau}"
+            else:
+                schedule = f"chord_mu_peak={args.chord_mu_peak}, chord_mu_valley={args.chord_mu_valley}"
             raise ValueError(
-                "The CHORD schedule gives mu > 0 at some step (chord_mu_peak="
-                f"{args.chord_mu_peak}, chord_mu_valley={args.chord_mu_valley}), but no `expert_dataset` was given. "
-                "Pass `expert_dataset=...`, or set chord_mu_peak=chord_mu_valley=0 for plain GRPO."
+                f"The CHORD schedule gives mu > 0 at some step ({schedule}), but no `expert_dataset` was given. Pass "
+                "`expert_dataset=...`, or set chord_mu_peak=chord_mu_valley=0 for plain GRPO."
             )
         if not mu_ever_positive and expert_dataset is not None:
             logger.warning(
@@ -111,7 +118,11 @@ class ChordTrainer(GRPOTrainer):
         super().__init__(model, reward_funcs, args, *grpo_args, **grpo_kwargs)
 
         self.mu_callback = ChordMuCallback(
-            args.chord_mu_peak, args.chord_mu_valley, args.chord_mu_warmup_steps, args.chord_mu_decay_steps
+            args.chord_mu_peak,
+            args.chord_mu_valley,
+            args.chord_mu_warmup_steps,
+            args.chord_mu_decay_steps,
+            adaptive_tau=args.chord_adaptive_mu_tau if args.chord_mu_schedule == "adaptive" else None,
         )
         self.add_callback(self.mu_callback)
         self._warned_zero_advantages = False
@@ -132,6 +143,7 @@ class ChordTrainer(GRPOTrainer):
             add_untempered_expert_head(
                 self.model.get_base_model() if is_peft_model(self.model) else self.model,
                 cast_lm_head_to_fp32=args.cast_lm_head_to_fp32,
+                with_entropy=args.chord_token_weighting == "entropy",
             )
 
     @property
@@ -165,7 +177,14 @@ class ChordTrainer(GRPOTrainer):
                     labels=labels,
                     chord_expert_logps=True,
                 )
-            expert = expert_sft_loss(outputs.log_probs, outputs.label_mask, self.args.chord_enable_phi_function)
+            weights = token_weights(
+                self.args.chord_token_weighting,
+                outputs.log_probs,
+                outputs.label_mask,
+                entropies=outputs.entropy,
+                focal_gamma=self.args.chord_focal_gamma,
+            )
+            expert = expert_sft_loss(outputs.log_probs, outputs.label_mask, weights)
             loss = (1.0 - mu) * grpo_loss + mu * expert.loss / accumulation_steps
             stats += [expert.loss.detach(), expert.nll_sum, expert.prob_sum, expert.weight_sum, expert.num_tokens]
         else:
@@ -196,9 +215,17 @@ class ChordTrainer(GRPOTrainer):
             metrics["chord/expert_nll"].append(nll_sum / max(num_tokens, 1.0))
             metrics["chord/expert_token_prob"].append(prob_sum / max(num_tokens, 1.0))
             metrics["chord/expert_tokens"].append(num_tokens)
-            if self.args.chord_enable_phi_function:
-                metrics["chord/phi_mean"].append(weight_sum / max(num_tokens, 1.0))
+            if self.args.chord_token_weighting != "uniform":
+                name = "phi" if self.args.chord_token_weighting == "phi" else "token_weight"
+                metrics[f"chord/{name}_mean"].append(weight_sum / max(num_tokens, 1.0))
         return loss
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        if self.model.training:
+            # The mean reward over every process's rollouts, which GRPOTrainer has just logged
+            self.mu_callback.observe_mean_reward(self._metrics["train"]["reward"][-1])
+        return output
 
     def _raise_if_not_finite(self, term: str, value: float) -> None:
         if not math.isfinite(value):

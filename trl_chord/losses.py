@@ -5,6 +5,9 @@ from dataclasses import dataclass
 import torch
 
 
+TOKEN_WEIGHTINGS = ("uniform", "phi", "is", "entropy", "focal")
+
+
 def phi_token_weights(per_token_logps: torch.Tensor) -> torch.Tensor:
     """
     CHORD-phi token weights `phi = p * (1 - p)` with `p = exp(logp)`, detached.
@@ -15,6 +18,43 @@ def phi_token_weights(per_token_logps: torch.Tensor) -> torch.Tensor:
     """
     probs = per_token_logps.detach().exp()
     return probs * (1.0 - probs)
+
+
+def token_weights(
+    weighting: str,
+    per_token_logps: torch.Tensor,
+    mask: torch.Tensor,
+    entropies: torch.Tensor | None = None,
+    focal_gamma: float = 2.0,
+) -> torch.Tensor:
+    """
+    Detached per-token weights of the expert NLL, `w` in `-logp * stopgrad(w)`.
+
+    - `"uniform"`: 1 (plain SFT).
+    - `"phi"`: `p * (1 - p)` (CHORD-phi).
+    - `"is"`: `p`, the importance-sampling weight of Trinity-RFT's variant: tokens the policy would sample count more.
+    - `"entropy"`: the token's predictive entropy divided by the mean entropy over the micro-batch's masked tokens:
+      tokens where the policy is uncertain count more, and the weights average 1 (the paper's entropy-normalised
+      variant).
+    - `"focal"`: `(1 - p) ** focal_gamma`: tokens the policy finds unlikely count more (the paper saw it collapse).
+    """
+    probs = per_token_logps.detach().exp()
+    if weighting == "uniform":
+        return torch.ones_like(probs)
+    if weighting == "phi":
+        return phi_token_weights(per_token_logps)
+    if weighting == "is":
+        return probs
+    if weighting == "focal":
+        return (1.0 - probs) ** focal_gamma
+    if weighting == "entropy":
+        if entropies is None:
+            raise ValueError("The entropy token weighting needs the per-token entropies.")
+        entropies = entropies.detach()
+        mask = mask.to(entropies.dtype)
+        mean_entropy = (entropies * mask).sum() / mask.sum().clamp(min=1.0)
+        return entropies / mean_entropy.clamp(min=torch.finfo(entropies.dtype).tiny)
+    raise ValueError(f"Unknown token weighting {weighting!r}; expected one of {TOKEN_WEIGHTINGS}.")
 
 
 @dataclass
@@ -28,25 +68,25 @@ class ExpertLossOutput:
     num_tokens: torch.Tensor
 
 
-def expert_sft_loss(per_token_logps: torch.Tensor, mask: torch.Tensor, use_phi: bool) -> ExpertLossOutput:
+def expert_sft_loss(per_token_logps: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor) -> ExpertLossOutput:
     """
-    Masked token-mean of `-logp` over the expert completion tokens, each term weighted by detached `phi` if `use_phi`.
+    Masked token-mean of `-logp * weights` over the expert completion tokens.
 
     Args:
         per_token_logps (`torch.Tensor` of shape `(batch, seq_len)`):
             Log-probability of each expert token under the policy at temperature 1.
         mask (`torch.Tensor` of shape `(batch, seq_len)`):
             1 for expert completion tokens, 0 for prompt and padding tokens.
-        use_phi (`bool`):
-            Whether to weight each token by `phi = p * (1 - p)` (CHORD-phi).
+        weights (`torch.Tensor` of shape `(batch, seq_len)`):
+            Per-token weights, from [`token_weights`]; detached here, so they never carry a gradient.
 
     Returns:
         [`ExpertLossOutput`]: the loss (a token mean, divided by at least one token so that an empty batch gives 0)
         and the detached sums of NLL, probability and weight over the masked tokens, and their count.
     """
     mask = mask.to(per_token_logps.dtype)
+    weights = weights.detach()
     per_token_nll = -per_token_logps
-    weights = phi_token_weights(per_token_logps) if use_phi else torch.ones_like(per_token_logps)
     num_tokens = mask.sum()
     loss = (per_token_nll * weights * mask).sum() / num_tokens.clamp(min=1.0)
     return ExpertLossOutput(

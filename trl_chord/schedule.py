@@ -26,3 +26,9 @@ def chord_mu(step: int, peak: float, valley: float, warmup_steps: int, decay_ste
 def chord_mu_is_ever_positive(peak: float, valley: float, warmup_steps: int, decay_steps: int) -> bool:
     """Whether the schedule gives `mu > 0` at some step (it is the constant 0 only when no phase reaches above 0)."""
     return valley > 0 or (peak > 0 and warmup_steps + decay_steps > 0)
+
+
+def adaptive_chord_mu(tau: float, mean_reward: float) -> float:
+    """The paper's adaptive weight `mu = max(0, tau - mean on-policy reward)`, capped at 1: the expert term fades as
+    the policy's own rewards pass `tau`."""
+    return min(1.0, max(0.0, tau - mean_reward))
