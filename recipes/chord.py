@@ -17,11 +17,11 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from datasets import Dataset, load_dataset
 from transformers import AutoTokenizer
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from trl_chord import ChordConfig, ChordTrainer
+from trl_chord.data_files import load_dataset_file_or_hub
 from trl_chord.reporting import HeldOutAccuracyCallback, JsonLinesLoggerCallback, plot_metrics
 from trl_chord.rewards import math_accuracy_reward, tool_call_reward
 from trl_chord.tiny import save_tiny_model
@@ -84,17 +84,6 @@ class ChordScriptArguments:
     heldout_eval_steps: int = field(default=25, metadata={"help": "Built-in task: held-out accuracy period in steps."})
 
 
-def load_any_dataset(name_or_path: str, config: str | None, split: str) -> Dataset:
-    """A split of a hub dataset, or a local json/jsonl/parquet file (read by `datasets`' own loaders, no pickle)."""
-    extension = os.path.splitext(name_or_path)[1].lower()
-    if os.path.isfile(name_or_path):
-        builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(extension)
-        if builder is None:
-            raise ValueError(f"{name_or_path}: a local dataset must be a .json, .jsonl or .parquet file.")
-        return load_dataset(builder, data_files=name_or_path, split="train")
-    return load_dataset(name_or_path, name=config, split=split)
-
-
 def resolve_reward_funcs(names: list[str]) -> list:
     rewards = []
     for name in names:
@@ -118,14 +107,14 @@ def main(script_args: ChordScriptArguments, training_args: ChordConfig, model_ar
     else:
         if not script_args.reward_funcs:
             raise ValueError("Give at least one reward function with --reward_funcs.")
-        train_dataset = load_any_dataset(
+        train_dataset = load_dataset_file_or_hub(
             script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split
         )
         if script_args.dataset_prompt_column != "prompt":
             train_dataset = train_dataset.rename_column(script_args.dataset_prompt_column, "prompt")
         expert_dataset = None
         if script_args.chord_sft_dataset is not None:
-            expert_dataset = load_any_dataset(
+            expert_dataset = load_dataset_file_or_hub(
                 script_args.chord_sft_dataset,
                 script_args.chord_sft_dataset_config,
                 script_args.chord_sft_dataset_split,

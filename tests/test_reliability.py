@@ -349,10 +349,9 @@ def test_nothing_loads_remote_code_or_unpickles_user_data():
 
 
 def test_recipe_refuses_local_files_it_cannot_read_safely(tmp_path):
-    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "recipes"))
-    from chord import load_any_dataset
+    from trl_chord.data_files import load_dataset_file_or_hub
 
     pickled = tmp_path / "data.pkl"
     pickled.write_bytes(b"not loaded")
     with pytest.raises(ValueError, match="must be a .json, .jsonl or .parquet file"):
-        load_any_dataset(str(pickled), None, "train")
+        load_dataset_file_or_hub(str(pickled))

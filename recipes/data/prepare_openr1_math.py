@@ -33,15 +33,16 @@ import json
 import os
 from collections import Counter
 
-from datasets import Dataset, load_dataset
+from datasets import Dataset
 from tqdm import tqdm
+
+from trl_chord.data_files import format_counts, load_dataset_file_or_hub, write_jsonl
 
 
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 UNCHECKABLE_ANSWERS = {"", "proof", "notfound"}  # OpenR1's placeholders for problems without a final answer
 PROVENANCE_COLUMNS = ("uuid", "source")
 COLUMNS_READ = ("problem", "answer", "generations", "correctness_math_verify", "is_reasoning_complete")
-LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 NO_VERIFIED_GENERATION = "no generation marked correct with complete reasoning"
 FAILED_REVERIFY = "no marked-correct generation passed the math-verify re-check"
@@ -79,14 +80,6 @@ def parse_args() -> argparse.Namespace:
     if args.num_sft < 0 or args.num_rl < 0:
         parser.error("--num_sft and --num_rl must not be negative.")
     return args
-
-
-def load_source(dataset: str, split: str) -> Dataset:
-    """A local file through the matching `datasets` builder, or a hub dataset."""
-    extension = os.path.splitext(dataset)[1]
-    if os.path.isfile(dataset) and extension in LOCAL_BUILDERS:
-        return load_dataset(LOCAL_BUILDERS[extension], data_files={split: dataset}, split=split)
-    return load_dataset(dataset, split=split)
 
 
 def user_prompt(problem: str) -> list[dict]:
@@ -182,23 +175,13 @@ def split_rows(rows: Dataset, args: argparse.Namespace, picker: ExpertPicker) ->
     return expert, rl, counts
 
 
-def write_jsonl(path: str, examples: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as file:
-        for example in examples:
-            file.write(json.dumps(example, ensure_ascii=False) + "\n")
-
-
-def format_reasons(reasons: Counter) -> str:
-    return ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items())) or "none"
-
-
 def report(expert: list, rl: list, counts: dict, args: argparse.Namespace) -> dict:
     """Print the counts, warn about a set left short, and return them for `summary.json`."""
     print(f"Expert SFT set: {len(expert)} of {args.num_sft} wanted.")
-    print(f"  Rows not usable as experts: {format_reasons(counts['expert_rejected'])}.")
+    print(f"  Rows not usable as experts: {format_counts(counts['expert_rejected'])}.")
     print(f"RL prompt set: {len(rl)} of {args.num_rl} wanted.")
-    print(f"  Rows not usable for RL: {format_reasons(counts['rl_rejected'])}.")
-    print(f"Dropped: {format_reasons(counts['dropped'])}. Rows left over once a set was full: {counts['unused']}.")
+    print(f"  Rows not usable for RL: {format_counts(counts['rl_rejected'])}.")
+    print(f"Dropped: {format_counts(counts['dropped'])}. Rows left over once a set was full: {counts['unused']}.")
     if len(expert) < args.num_sft or len(rl) < args.num_rl:
         print("WARNING: the dataset ran out of usable rows before both sets were full.")
     return {
@@ -213,7 +196,7 @@ def report(expert: list, rl: list, counts: dict, args: argparse.Namespace) -> di
 def main() -> None:
     args = parse_args()
     picker = ExpertPicker(args.tokenizer, args.max_expert_tokens, args.reverify)
-    rows = load_source(args.dataset, args.split)
+    rows = load_dataset_file_or_hub(args.dataset, split=args.split)
     # Reading fewer columns row by row is faster: OpenR1 also holds each problem's generations a second time
     rows = rows.select_columns([column for column in COLUMNS_READ + PROVENANCE_COLUMNS if column in rows.column_names])
     expert, rl, counts = split_rows(rows.shuffle(seed=args.seed), args, picker)

@@ -43,11 +43,12 @@ import os
 import re
 from collections import Counter
 
-from datasets import Dataset, load_dataset
+from datasets import Dataset
 from tqdm import tqdm
 
+from trl_chord.data_files import format_counts, load_dataset_file_or_hub, write_jsonl
 
-LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
 ROLES = {"user", "assistant", "tool"}
 JSON_LITERALS = {"true": True, "false": False, "null": None}
 ALIAS_PREFIX = "_chord_tool_alias_"  # stands in for tool names that are not Python identifiers ("Get Weather")
@@ -89,14 +90,6 @@ def parse_args() -> argparse.Namespace:
     if args.num_sft < 0 or args.num_rl < 0:
         parser.error("--num_sft and --num_rl must not be negative.")
     return args
-
-
-def load_source(dataset: str, split: str) -> Dataset:
-    """A local file through the matching `datasets` builder, or a hub dataset."""
-    extension = os.path.splitext(dataset)[1]
-    if os.path.isfile(dataset) and extension in LOCAL_BUILDERS:
-        return load_dataset(LOCAL_BUILDERS[extension], data_files={split: dataset}, split=split)
-    return load_dataset(dataset, split=split)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -263,22 +256,12 @@ def split_rows(rows: Dataset, args: argparse.Namespace) -> tuple[list, list, dic
     return expert, rl, counts
 
 
-def write_jsonl(path: str, examples: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as file:
-        for example in examples:
-            file.write(json.dumps(example, ensure_ascii=False) + "\n")
-
-
-def format_reasons(reasons: Counter) -> str:
-    return ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items())) or "none"
-
-
 def report(expert: list, rl: list, counts: dict, args: argparse.Namespace) -> dict:
     """Print the counts, warn about a set left short, and return them for `summary.json`."""
     print(f"Expert conversations: {len(expert)} of {args.num_sft} wanted.")
     print(f"RL prompts: {len(rl)} of {args.num_rl} wanted.")
-    print(f"  Conversations not usable for RL: {format_reasons(counts['rl_rejected'])}.")
-    print(f"Skipped: {format_reasons(counts['skipped'])}. Left over once both sets were full: {counts['unused']}.")
+    print(f"  Conversations not usable for RL: {format_counts(counts['rl_rejected'])}.")
+    print(f"Skipped: {format_counts(counts['skipped'])}. Left over once both sets were full: {counts['unused']}.")
     if len(expert) < args.num_sft or len(rl) < args.num_rl:
         print("WARNING: the dataset ran out of usable conversations before both sets were full.")
     return {
@@ -292,7 +275,7 @@ def report(expert: list, rl: list, counts: dict, args: argparse.Namespace) -> di
 
 def main() -> None:
     args = parse_args()
-    rows = load_source(args.dataset, args.split).shuffle(seed=args.seed)
+    rows = load_dataset_file_or_hub(args.dataset, split=args.split).shuffle(seed=args.seed)
     expert, rl, counts = split_rows(rows, args)
     os.makedirs(args.output_dir, exist_ok=True)
     write_jsonl(os.path.join(args.output_dir, "expert_conversations.jsonl"), expert)
