@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from datasets import Dataset
+from helpers import weights
 from transformers import AutoTokenizer
 
 from trl_chord import ChordConfig, ChordTrainer
@@ -193,36 +194,10 @@ def test_a_long_completion_is_cut_not_dropped(tiny_tokenizer):
 
 
 def _trainer(model_dir, tmp_path, reward, **overrides):
-    args = ChordConfig(
-        **{
-            "output_dir": str(tmp_path / "out"),
-            "per_device_train_batch_size": 4,
-            "num_generations": 4,
-            "max_completion_length": 6,
-            "max_steps": 2,
-            "logging_steps": 1,
-            "report_to": "none",
-            "bf16": False,
-            "save_strategy": "no",
-            "learning_rate": 1e-2,
-            "chord_mu_valley": 0.5,
-            **overrides,
-        }
-    )
-    from helpers import make_expert_dataset, make_rl_prompts
+    from helpers import chord_config, make_expert_dataset, make_trainer
 
-    return ChordTrainer(
-        model=model_dir,
-        reward_funcs=reward,
-        args=args,
-        train_dataset=make_rl_prompts(),
-        expert_dataset=make_expert_dataset(),
-        processing_class=AutoTokenizer.from_pretrained(model_dir),
-    )
-
-
-def _parameters(trainer):
-    return {name: param.detach().clone() for name, param in trainer.model.named_parameters()}
+    args = chord_config(tmp_path, **{"chord_mu_valley": 0.5, **overrides})
+    return make_trainer(model_dir, args, make_expert_dataset(), reward_funcs=reward)
 
 
 def test_nan_in_the_grpo_term_stops_before_the_update(tiny_model_dir, tmp_path, monkeypatch):
@@ -232,10 +207,10 @@ def test_nan_in_the_grpo_term_stops_before_the_update(tiny_model_dir, tmp_path, 
     compute_grpo_loss = GRPOTrainer._compute_loss
     monkeypatch.setattr(GRPOTrainer, "_compute_loss", lambda self, *a: compute_grpo_loss(self, *a) * float("nan"))
     trainer = _trainer(tiny_model_dir, tmp_path, odd_char_reward)
-    before = _parameters(trainer)
+    before = weights(trainer)
     with pytest.raises(FloatingPointError, match=r"The GRPO loss is nan at optimizer step 1 \(micro-step 1"):
         trainer.train()
-    assert all(torch.equal(before[name], param) for name, param in _parameters(trainer).items())
+    assert all(torch.equal(before[name], param) for name, param in weights(trainer).items())
 
 
 def test_nan_in_the_sft_term_stops_before_the_update(tiny_model_dir, tmp_path, monkeypatch):
@@ -253,10 +228,10 @@ def test_nan_in_the_sft_term_stops_before_the_update(tiny_model_dir, tmp_path, m
     trainer.train()  # two healthy steps
     monkeypatch.setattr(chord_trainer, "expert_sft_loss", poisoned_loss)
     trainer.args.max_steps = 4
-    before = _parameters(trainer)
+    before = weights(trainer)
     with pytest.raises(FloatingPointError, match=r"The SFT loss is nan at optimizer step 1"):
         trainer.train()  # a fresh train() call restarts at step 1 (no resume)
-    assert all(torch.equal(before[name], param) for name, param in _parameters(trainer).items())
+    assert all(torch.equal(before[name], param) for name, param in weights(trainer).items())
 
 
 def test_bf16_autocast_on_cpu_gives_finite_losses(tiny_model_dir, tmp_path):
@@ -278,7 +253,7 @@ def test_identical_rewards_make_the_zero_grpo_term_visible(tiny_model_dir, tmp_p
         return [1.0] * len(completions)
 
     trainer = _trainer(tiny_model_dir, tmp_path, constant_reward)
-    before = _parameters(trainer)
+    before = weights(trainer)
     with caplog.at_level(logging.WARNING):
         trainer.train()
     logs = [entry for entry in trainer.state.log_history if "chord/mu" in entry]
@@ -287,7 +262,7 @@ def test_identical_rewards_make_the_zero_grpo_term_visible(tiny_model_dir, tmp_p
     assert [entry["frac_reward_zero_std"] for entry in logs] == [1.0, 1.0]
     assert all(entry["chord/sft_loss"] > 0 for entry in logs)
     assert "every advantage and the GRPO term are 0" in caplog.text
-    assert any(not torch.equal(before[name], param) for name, param in _parameters(trainer).items())
+    assert any(not torch.equal(before[name], param) for name, param in weights(trainer).items())
 
 
 def _rss_bytes() -> int:

@@ -5,46 +5,20 @@ import os
 import pytest
 import torch
 from datasets import Dataset
-from helpers import make_expert_dataset, make_rl_prompts, odd_char_reward
+from helpers import (
+    COMMON_ARGS,
+    chord_config,
+    make_expert_dataset,
+    make_rl_prompts,
+    make_trainer,
+    odd_char_reward,
+    weights,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
 
-from trl_chord import ChordConfig, ChordTrainer, chord_mu
+from trl_chord import ChordTrainer, chord_mu
 from trl_chord.checkpoints import CHORD_STATE_NAME
-
-
-COMMON_ARGS = dict(
-    per_device_train_batch_size=4,
-    num_generations=4,
-    max_completion_length=6,
-    max_steps=2,
-    logging_steps=1,
-    report_to="none",
-    bf16=False,
-    learning_rate=1e-2,
-    seed=0,
-    save_strategy="no",
-)
-
-
-def chord_config(tmp_path, **overrides) -> ChordConfig:
-    return ChordConfig(output_dir=str(tmp_path / "out"), **{**COMMON_ARGS, **overrides})
-
-
-def make_trainer(model_dir, args, expert_dataset=None, **kwargs) -> ChordTrainer:
-    return ChordTrainer(
-        model=model_dir,
-        reward_funcs=odd_char_reward,
-        args=args,
-        train_dataset=make_rl_prompts(),
-        expert_dataset=expert_dataset,
-        processing_class=AutoTokenizer.from_pretrained(model_dir),
-        **kwargs,
-    )
-
-
-def weights(trainer) -> dict[str, torch.Tensor]:
-    return {name: param.detach().clone() for name, param in trainer.model.named_parameters()}
 
 
 def logged(trainer, key) -> list:
