@@ -1,0 +1,48 @@
+"""The paper experiment runs end to end in its quick mode and reports every method with numbers, so it cannot rot."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "paper" / "paper_table.py"
+METHODS = {
+    "start",
+    "sft",
+    "grpo",
+    "sft_then_grpo",
+    "chord_mu",
+    "chord_phi",
+    "mu0.1_uniform",
+    "mu0.1_is",
+    "mu0.1_entropy",
+    "mu0.1_focal",
+    "adaptive",
+}
+FINAL_METRICS = ("accuracy", "carry_accuracy", "worked_style", "mean_length", "mean_entropy")
+
+
+def test_quick_paper_table(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--output_dir", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    report = json.loads((tmp_path / "paper_table_quick.json").read_text())
+    assert (tmp_path / "paper_table_quick.png").stat().st_size > 0
+    assert set(report["methods"]) == METHODS
+    for name, result in report["methods"].items():
+        for metric in FINAL_METRICS:
+            summary = result["final"][metric]
+            assert all(math.isfinite(summary[key]) for key in ("mean", "std", "min", "max")), (name, metric)
+            assert summary["min"] <= summary["mean"] <= summary["max"]
+        assert 0.0 <= result["final"]["accuracy"]["mean"] <= 1.0
+        assert len(result["curve"]["steps"]) == len(result["curve"]["accuracy"]) >= 1
+    assert "| sft_then_grpo" in completed.stdout
