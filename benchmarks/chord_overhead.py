@@ -20,7 +20,8 @@ allocated before the step (the profiler's allocation events on CPU, `max_memory_
 
 It reports medians, IQRs and confidence intervals, the overhead efficiency `E = (T_chord - T_grpo) / T_sft`
 (bar: <= 1.05) and `T_chord0 / T_grpo` (bar: <= 1.01), how extra time and memory scale with the expert micro-batch
-(batch size and length), and the expert term through trl_chord's fused LM head against full logits. It writes
+(batch size and length), and the expert term alone through trl_chord's LM head, TRL's fused one and full logits.
+It writes
 `chord_overhead.json` and `chord_overhead.md` to the output directory and prints the table.
 """
 
@@ -47,6 +48,7 @@ import trl
 from datasets import Dataset
 from transformers import PreTrainedTokenizerFast
 from trl import GRPOConfig, GRPOTrainer
+from trl.trainer.utils import add_fused_lm_head
 
 from trl_chord import ChordConfig, ChordTrainer
 from trl_chord.expert_data import collate_expert_batch, prepare_expert_dataset
@@ -80,7 +82,7 @@ class Sizes:
     scaling_batch_length: int
     scaling_lengths: tuple[int, ...]  # swept at batch size 1
     scaling_rounds: int
-    head_batches: tuple[tuple[int, int], ...]  # (batch size, length) of the fused-vs-unfused comparison
+    head_batches: tuple[tuple[int, int], ...]  # (batch size, length) of the expert-head comparison
     head_rounds: int
 
 
@@ -283,28 +285,32 @@ def sft_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:
     ).loss.backward()
 
 
-def fused_expert_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Expert log-probabilities through trl_chord's untempered fused LM head, as `ChordTrainer` computes them."""
-    outputs = model(
+def chord_head_step(model, batch) -> None:
+    """The expert term as `ChordTrainer` computes it (its LM head, its token weighting), forward and backward."""
+    model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         labels=expert_labels(batch),
-        chord_expert_logps=True,
-    )
-    return outputs.log_probs, outputs.label_mask
+        chord_expert_loss=True,
+    ).loss.backward()
 
 
-def unfused_expert_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same log-probabilities from the full `(batch, length, vocab)` logits: log_softmax, then gather."""
+def trl_fused_head_step(model, batch) -> None:
+    """The expert NLL through TRL's fused LM head (`add_fused_lm_head`), the head trl_chord used before its own."""
+    model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        labels=expert_labels(batch),
+        fused_lm_head=True,
+    ).loss.backward()
+
+
+def unfused_head_step(model, batch) -> None:
+    """The expert NLL from the full `(batch, length, vocab)` logits: fp32 `log_softmax`, then `gather`."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     labels = expert_labels(batch)[:, 1:]
     log_probs = logits.float().log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return log_probs, labels != -100
-
-
-def expert_term_step(model, batch, logps_fn) -> None:
-    """Forward and backward of the expert NLL alone (token-weighting is elementwise on `(batch, length)`: left out)."""
-    log_probs, mask = logps_fn(model, batch)
+    mask = labels != -100
     (-(log_probs * mask).sum() / mask.sum()).backward()
 
 
@@ -453,7 +459,7 @@ def summary(samples: list[float]) -> dict:
 
 
 def linear_fit(x: list[float], y: list[float]) -> dict[str, float]:
-    """Least-squares line through (x, y), its R^2, and the largest distance of a point from it, relative to y."""
+    """Least-squares line through (x, y), its R^2, and the largest distance of a point from it, relative to max |y|."""
     mean_x, mean_y = statistics.fmean(x), statistics.fmean(y)
     slope = sum((a - mean_x) * (b - mean_y) for a, b in zip(x, y)) / sum((a - mean_x) ** 2 for a in x)
     intercept = mean_y - slope * mean_x
@@ -464,12 +470,12 @@ def linear_fit(x: list[float], y: list[float]) -> dict[str, float]:
         "slope": slope,
         "intercept": intercept,
         "r2": 1.0 - residual / total if total > 0 else 1.0,
-        "max_relative_deviation": max(abs(b - p) / abs(b) for b, p in zip(y, predicted)),
+        "max_relative_deviation": max(abs(b - p) for b, p in zip(y, predicted)) / max(max(map(abs, y)), 1e-30),
     }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The three experiments: side by side, scaling, fused vs unfused head
+# The three experiments: side by side, scaling, the expert term's LM heads
 
 
 @dataclass
@@ -513,11 +519,16 @@ def chord_experiment(grpo, chord, grpo_batch, sft_model, chord0=None) -> Experim
     return Experiment(variants, expert_draw)
 
 
-def head_experiment(model, batch) -> Experiment:
+HEADS = ("chord_head", "trl_fused", "unfused")
+
+
+def head_experiment(chord_model, trl_fused_model, batch) -> Experiment:
+    """The expert term alone through each head; `trl_fused_model` is a copy of the model with TRL's fused head."""
     return Experiment(
         [
-            Variant("fused", model, lambda: expert_term_step(model, batch, fused_expert_logps)),
-            Variant("unfused", model, lambda: expert_term_step(model, batch, unfused_expert_logps)),
+            Variant("chord_head", chord_model, lambda: chord_head_step(chord_model, batch)),
+            Variant("trl_fused", trl_fused_model, lambda: trl_fused_head_step(trl_fused_model, batch)),
+            Variant("unfused", chord_model, lambda: unfused_head_step(chord_model, batch)),
         ]
     )
 
@@ -562,6 +573,7 @@ def scaling_point(case: tuple[int, int], sweeps: list[str], experiment: Experime
         "sft_time_s": statistics.median(times["sft"]),
         "extra_memory_bytes": peaks["chord"] - peaks["grpo"],
         "sft_memory_bytes": peaks["sft"],
+        "chord_memory_over_max_grpo_sft": peaks["chord"] / max(peaks["grpo"], peaks["sft"]),
     }
 
 
@@ -684,33 +696,36 @@ def markdown_report(result: dict) -> str:
         "Scaling with the expert micro-batch: extra = chord - grpo (time: median of per-round differences).",
         "",
         "| batch | length | expert tokens | extra time (ms) | sft time (ms) | extra / sft time | extra memory (MiB) "
-        "| sft memory (MiB) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| sft memory (MiB) | M_chord / max(M_grpo, M_sft) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for point in result["scaling"]["points"]:
         lines.append(
             f"| {point['batch_size']} | {point['length']} | {point['expert_tokens']} | "
             f"{milliseconds(point['extra_time_s'])} | {milliseconds(point['sft_time_s'])} | "
             f"{ratio(point['extra_time_s'] / point['sft_time_s'])} | {mebibytes(point['extra_memory_bytes'])} | "
-            f"{mebibytes(point['sft_memory_bytes'])} |"
+            f"{mebibytes(point['sft_memory_bytes'])} | {ratio(point['chord_memory_over_max_grpo_sft'])} |"
         )
-    lines += ["", "| line fitted against expert tokens | R^2 | max relative deviation |", "| --- | --- | --- |"]
+    lines += ["", "| line fitted against expert tokens | R^2 | max deviation / max value |", "| --- | --- | --- |"]
     for sweep, fits in result["scaling"]["fits"].items():
         for quantity, fit in fits.items():
             lines.append(f"| {quantity}, {sweep} sweep | {fit['r2']:.4f} | {fit['max_relative_deviation']:.3f} |")
     lines += [
         "",
-        "The expert term alone (forward + backward of its NLL): trl_chord's fused LM head against full logits.",
+        "The expert term alone (forward + backward): trl_chord's head (as ChordTrainer runs it, with its token "
+        "weighting), TRL's fused LM head, and full logits with `log_softmax`.",
         "",
-        "| batch | length | fused time (ms) | unfused time (ms) | fused peak (MiB) | unfused peak (MiB) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| batch | length | "
+        + " | ".join(f"{head} time (ms)" for head in HEADS)
+        + " | "
+        + " | ".join(f"{head} peak (MiB)" for head in HEADS)
+        + " |",
+        "| --- | --- | " + " | ".join("---" for _ in range(2 * len(HEADS))) + " |",
     ]
-    for case in result["fused_vs_unfused"]:
-        lines.append(
-            f"| {case['batch_size']} | {case['length']} | {spread(case['time_s']['fused'], milliseconds)} | "
-            f"{spread(case['time_s']['unfused'], milliseconds)} | {mebibytes(case['peak_memory_bytes']['fused'])} | "
-            f"{mebibytes(case['peak_memory_bytes']['unfused'])} |"
-        )
+    for case in result["expert_heads"]:
+        times = [spread(case["time_s"][head], milliseconds) for head in HEADS]
+        peaks = [mebibytes(case["peak_memory_bytes"][head]) for head in HEADS]
+        lines.append(f"| {case['batch_size']} | {case['length']} | " + " | ".join(times + peaks) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -747,7 +762,11 @@ def run(sizes: Sizes, scratch_dir: str, log: Callable[[str], None]) -> dict:
         skip_generation(trainer)
     main = chord_experiment(grpo, chord, grpo_batch, sft_model, chord0)
     scaling = [chord_experiment(grpo, trainer, grpo_batch, sft_model) for trainer in scaling_chords]
-    heads = [head_experiment(chord.model, bench.expert_batch(*case, device)) for case in sizes.head_batches]
+    trl_fused_model = bench.model().to(device).train()
+    add_fused_lm_head(trl_fused_model)
+    heads = [
+        head_experiment(chord.model, trl_fused_model, bench.expert_batch(*case, device)) for case in sizes.head_batches
+    ]
 
     clock = StepClock(device)
     external_load = ExternalLoad()
@@ -757,7 +776,7 @@ def run(sizes: Sizes, scratch_dir: str, log: Callable[[str], None]) -> dict:
         log(f"timing the scaling point {case[0]} x {case[1]} expert tokens: {sizes.scaling_rounds} rounds")
         experiment.time(clock, sizes.scaling_rounds, warmup_rounds=1)
     for case, experiment in zip(sizes.head_batches, heads):
-        log(f"timing the fused and unfused expert head on {case[0]} x {case[1]} tokens: {sizes.head_rounds} rounds")
+        log(f"timing the expert term's LM heads on {case[0]} x {case[1]} tokens: {sizes.head_rounds} rounds")
         experiment.time(clock, sizes.head_rounds, warmup_rounds=1)
     external_load_cores = external_load.cores()
     log("measuring peak memory")
@@ -775,7 +794,7 @@ def run(sizes: Sizes, scratch_dir: str, log: Callable[[str], None]) -> dict:
         "side_by_side": side_by_side,
         "bars": bars(side_by_side),
         "scaling": scaling_summary(points),
-        "fused_vs_unfused": [head_summary(case, experiment) for case, experiment in zip(sizes.head_batches, heads)],
+        "expert_heads": [head_summary(case, experiment) for case, experiment in zip(sizes.head_batches, heads)],
         "duration_s": time.perf_counter() - started,
     }
 

@@ -86,10 +86,10 @@ def test_scaling_covers_both_sweeps_with_fits(quick_run):
             assert all(math.isfinite(fit[key]) for key in ("slope", "intercept", "r2", "max_relative_deviation"))
 
 
-def test_fused_and_unfused_expert_head_are_measured(quick_run):
+def test_the_expert_heads_are_measured(quick_run):
     result, _, _ = quick_run
-    assert len(result["fused_vs_unfused"]) == len(result["sizes"]["head_batches"])
-    for case in result["fused_vs_unfused"]:
-        for name in ("fused", "unfused"):
+    assert len(result["expert_heads"]) == len(result["sizes"]["head_batches"])
+    for case in result["expert_heads"]:
+        for name in ("chord_head", "trl_fused", "unfused"):
             assert_positive_time(case["time_s"][name])
             assert_sane_memory(case["peak_memory_bytes"][name])

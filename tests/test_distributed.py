@@ -9,6 +9,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "chord_multiprocess.py")
@@ -88,3 +90,36 @@ def test_expert_set_smaller_than_one_global_expert_batch_repeats(tiny_model_dir,
     # Rank 1 has one example per pass, so each of its micro-batches spans two passes (reshuffled each pass)
     assert len(sum(ranks[1]["drawn"], [])) == 8
     assert_shards_disjoint_within_each_pass(ranks, 3)
+
+
+@pytest.mark.slow
+def test_ddp_and_deepspeed_updates_match_one_joint_backward(tiny_model_dir, tmp_path):
+    # Plain SGD, so every run's update is its summed gradient: DDP with the expert term backpropagated first, and
+    # DeepSpeed ZeRO-2/3 (one backward, with the expert head gathering the ZeRO-3 LM head), against DDP with one
+    # backward through (1 - mu) * grpo + mu * sft
+    runs = {
+        "ddp_joint": ["--joint-backward"],
+        "ddp": [],
+        "zero2": ["--zero-stage", "2"],
+        "zero3": ["--zero-stage", "3"],
+    }
+    weights, backward_first = {}, {}
+    for name, extra in runs.items():
+        output = tmp_path / name
+        output.mkdir()
+        ranks = launch("torchrun", tiny_model_dir, output, "--sgd", "--max-steps", "2", *extra)
+        backward_first[name] = ranks[0]["backward_expert_term_first"]
+        weights[name] = torch.load(output / "weights.pt")
+    assert backward_first == {"ddp_joint": False, "ddp": True, "zero2": False, "zero3": False}
+
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    oracle = weights.pop("ddp_joint")
+    largest_update = max((oracle[key] - initial[key]).abs().max().item() for key in oracle)
+    assert largest_update > 1e-3
+    for name, run in weights.items():
+        assert set(run) == set(oracle), name
+        for key in oracle:
+            # Weights of order 1 are spaced 1.2e-7 apart, and the processes sum in different orders
+            torch.testing.assert_close(
+                run[key] - initial[key], oracle[key] - initial[key], rtol=1e-4, atol=1e-6, msg=f"{name} {key}"
+            )

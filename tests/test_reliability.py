@@ -216,17 +216,17 @@ def test_nan_in_the_grpo_term_stops_before_the_update(tiny_model_dir, tmp_path, 
 def test_nan_in_the_sft_term_stops_before_the_update(tiny_model_dir, tmp_path, monkeypatch):
     from helpers import odd_char_reward
 
-    import trl_chord.chord_trainer as chord_trainer
+    from trl_chord import ChordTrainer
 
-    def poisoned_loss(*args, **kwargs):
-        output = expert_sft_loss(*args, **kwargs)
+    def poisoned_expert_loss(self, model):
+        output = expert_loss(self, model)
         output.loss = output.loss * float("nan")
         return output
 
-    expert_sft_loss = chord_trainer.expert_sft_loss
+    expert_loss = ChordTrainer._expert_loss
     trainer = _trainer(tiny_model_dir, tmp_path, odd_char_reward)
     trainer.train()  # two healthy steps
-    monkeypatch.setattr(chord_trainer, "expert_sft_loss", poisoned_loss)
+    monkeypatch.setattr(ChordTrainer, "_expert_loss", poisoned_expert_loss)
     trainer.args.max_steps = 4
     before = weights(trainer)
     with pytest.raises(FloatingPointError, match=r"The SFT loss is nan at optimizer step 1"):

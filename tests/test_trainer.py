@@ -256,6 +256,41 @@ def test_gradient_accumulation_scales_the_sft_term(tiny_model_dir, tmp_path):
         torch.testing.assert_close(after[name] - before[name], expected, rtol=1e-4, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("weighting", ["phi", "entropy"])
+def test_expert_backward_first_gives_the_joint_backwards_update(tiny_model_dir, tmp_path, weighting):
+    # Two backwards per micro-step (expert term first) against one through (1 - mu) * grpo + mu * sft, same seed
+    args = chord_config(
+        tmp_path,
+        chord_mu_peak=0.5,
+        chord_mu_valley=0.5,
+        chord_token_weighting=weighting,
+        gradient_accumulation_steps=2,
+        per_device_train_batch_size=2,
+        num_generations=4,
+        optim="sgd",
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        max_steps=2,
+    )
+    updates = {}
+    for backward_first in (True, False):
+        trainer = make_trainer(tiny_model_dir, args, make_expert_dataset(6))
+        assert trainer.backward_expert_term_first  # the default on one process
+        trainer.backward_expert_term_first = backward_first
+        before = weights(trainer)
+        trainer.train()
+        updates[backward_first] = {name: param - before[name] for name, param in weights(trainer).items()}
+        losses = sum((logged(trainer, key) for key in ("loss", "chord/grpo_loss", "chord/sft_loss")), [])
+        if backward_first:
+            first_losses = losses
+    assert losses == pytest.approx(first_losses, rel=1e-5)
+    # The updates are differences of weights of order 1, whose spacing is 1.2e-7: allow two of those
+    for name, update in updates[True].items():
+        torch.testing.assert_close(update, updates[False][name], rtol=1e-4, atol=2.5e-7, msg=lambda m: f"{name}: {m}")
+    assert max(update.abs().max().item() for update in updates[True].values()) > 1e-3
+
+
 def test_num_iterations_and_beta(tiny_model_dir, tmp_path):
     args = chord_config(
         tmp_path, beta=0.1, num_iterations=2, gradient_accumulation_steps=2, max_steps=2, chord_mu_valley=0.5

@@ -1,49 +1,24 @@
-import functools
 import json
 import math
 import os
 import textwrap
-import types
 
 import torch
-from accelerate.utils import is_peft_model
-from transformers import PreTrainedModel
+from accelerate.utils import DistributedType, is_peft_model
+from transformers.training_args import OptimizerNames
 from transformers.utils import logging
 from trl import GRPOTrainer
-from trl.trainer.utils import add_fused_lm_head
 
 from .callbacks import ChordMuCallback
 from .checkpoints import CHORD_STATE_NAME, checkpoint_problem, complete_checkpoints
 from .chord_config import ChordConfig
 from .expert_data import ExpertSampler, collate_expert_batch, prepare_expert_dataset
-from .losses import expert_sft_loss, token_weights
+from .expert_head import add_expert_loss_head
+from .losses import ExpertLossOutput
 from .schedule import chord_mu_is_ever_positive
 
 
 logger = logging.get_logger(__name__)
-
-
-def add_untempered_expert_head(model: PreTrainedModel, cast_lm_head_to_fp32: bool, with_entropy: bool = False) -> None:
-    """
-    Give `model` a second fused LM head, at temperature 1, reached with `model(..., chord_expert_logps=True)`.
-
-    GRPOTrainer's fused head divides the logits by the rollout `temperature`; the SFT term and phi use the untempered
-    distribution, as supervised fine-tuning does. Both heads run TRL's chunked kernel, so neither materializes the
-    `(batch, seq_len, vocab)` logits. Every other call goes to GRPOTrainer's forward unchanged.
-    """
-    grpo_forward = model.forward
-    outputs = ("log_probs", "entropy") if with_entropy else ("log_probs",)
-    add_fused_lm_head(model, temperature=1.0, cast_lm_head_to_fp32=cast_lm_head_to_fp32, outputs=outputs)
-    untempered_forward = model.forward
-
-    # Keep the original signature: `generate` validates its model kwargs against it
-    @functools.wraps(type(model).forward)
-    def forward(self, *args, chord_expert_logps=False, **kwargs):
-        if chord_expert_logps:
-            return untempered_forward(*args, fused_lm_head=True, **kwargs)
-        return grpo_forward(*args, **kwargs)
-
-    model.forward = types.MethodType(forward, model)
 
 
 class ChordTrainer(GRPOTrainer):
@@ -140,11 +115,20 @@ class ChordTrainer(GRPOTrainer):
                 rank=self.accelerator.process_index,
                 seed=args.seed,
             )
-            add_untempered_expert_head(
+            add_expert_loss_head(
                 self.model.get_base_model() if is_peft_model(self.model) else self.model,
+                weighting=args.chord_token_weighting,
+                focal_gamma=args.chord_focal_gamma,
                 cast_lm_head_to_fp32=args.cast_lm_head_to_fp32,
-                with_entropy=args.chord_token_weighting == "entropy",
             )
+        # Backpropagating the expert term before the GRPO forward frees its graph and folds its gradient into `.grad`
+        # before the GRPO graph exists: the step's peak memory is that of the larger term, not of both plus a second
+        # copy of the gradients. DeepSpeed and FSDP own the backward (one per micro-step), and LOMO updates the
+        # weights inside it, so there the two terms share one backward.
+        self.backward_expert_term_first = self.accelerator.distributed_type not in (
+            DistributedType.DEEPSPEED,
+            DistributedType.FSDP,
+        ) and args.optim not in (OptimizerNames.LOMO, OptimizerNames.ADALOMO)
 
     @property
     def chord_mu(self) -> float:
@@ -156,36 +140,40 @@ class ChordTrainer(GRPOTrainer):
         batch = collate_expert_batch(examples, pad_token_id=self._tokenizer.pad_token_id)
         return {name: tensor.to(self.accelerator.device) for name, tensor in batch.items()}
 
+    def _expert_loss(self, model) -> ExpertLossOutput:
+        batch = self._next_expert_batch()
+        with self.accelerator.autocast():
+            return model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                labels=batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100),
+                chord_expert_loss=True,
+            )
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        grpo_loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if not self.model.training:
-            return grpo_loss
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
         mu = self.chord_mu
         # GRPOTrainer's loss is already divided by the accumulation steps; the logged terms are per micro-step
         accumulation_steps = self.current_gradient_accumulation_steps
+        # mu depends only on the step, so every process makes the same choice here: no collective is left waiting
+        if mu > 0 and self.backward_expert_term_first:
+            # Under DDP the gradients are all-reduced once, by the GRPO backward, over both terms' sum
+            with self.accelerator.no_sync(model):
+                expert = self._expert_loss(model)
+                # `training_step` hands the returned loss to this same call, so both terms are scaled alike
+                self.accelerator.backward(mu * expert.loss / accumulation_steps)
+            expert_term = (mu * expert.loss / accumulation_steps).detach()
+        elif mu > 0:
+            expert = self._expert_loss(model)
+            expert_term = mu * expert.loss / accumulation_steps
+
+        grpo_loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         advantages = inputs["advantages"]
         stats = [grpo_loss.detach() * accumulation_steps, (advantages != 0).sum(), torch.tensor(advantages.numel())]
-        # mu depends only on the step, so every process makes the same choice here: no collective is left waiting
         if mu > 0:
-            batch = self._next_expert_batch()
-            labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-            with self.accelerator.autocast():
-                outputs = model(
-                    input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"],
-                    labels=labels,
-                    chord_expert_logps=True,
-                )
-            weights = token_weights(
-                self.args.chord_token_weighting,
-                outputs.log_probs,
-                outputs.label_mask,
-                entropies=outputs.entropy,
-                focal_gamma=self.args.chord_focal_gamma,
-            )
-            expert = expert_sft_loss(outputs.log_probs, outputs.label_mask, weights)
-            loss = (1.0 - mu) * grpo_loss + mu * expert.loss / accumulation_steps
+            loss = (1.0 - mu) * grpo_loss + expert_term
             stats += [expert.loss.detach(), expert.nll_sum, expert.prob_sum, expert.weight_sum, expert.num_tokens]
         else:
             loss = grpo_loss

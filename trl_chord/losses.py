@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 import torch
+from transformers.utils import ModelOutput
 
 
 TOKEN_WEIGHTINGS = ("uniform", "phi", "is", "entropy", "focal")
@@ -18,6 +19,41 @@ def phi_token_weights(per_token_logps: torch.Tensor) -> torch.Tensor:
     """
     probs = per_token_logps.detach().exp()
     return probs * (1.0 - probs)
+
+
+def unnormalized_token_weights(
+    weighting: str,
+    per_token_logps: torch.Tensor,
+    entropies: torch.Tensor | None = None,
+    focal_gamma: float = 2.0,
+) -> torch.Tensor:
+    """
+    Per-token part of [`token_weights`]: every weighting is this token-wise value times one number per micro-batch
+    ([`token_weight_scale`]), so a head that works through the tokens in chunks can weight each chunk on its own.
+    """
+    probs = per_token_logps.detach().exp()
+    if weighting == "uniform":
+        return torch.ones_like(probs)
+    if weighting == "phi":
+        return phi_token_weights(per_token_logps)
+    if weighting == "is":
+        return probs
+    if weighting == "focal":
+        return (1.0 - probs) ** focal_gamma
+    if weighting == "entropy":
+        if entropies is None:
+            raise ValueError("The entropy token weighting needs the per-token entropies.")
+        return entropies.detach()
+    raise ValueError(f"Unknown token weighting {weighting!r}; expected one of {TOKEN_WEIGHTINGS}.")
+
+
+def token_weight_scale(weighting: str, unnormalized_weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The micro-batch factor of [`token_weights`]: 1 over the masked mean for `"entropy"`, else 1."""
+    if weighting != "entropy":
+        return unnormalized_weights.new_ones(())
+    mask = mask.to(unnormalized_weights.dtype)
+    mean = (unnormalized_weights * mask).sum() / mask.sum().clamp(min=1.0)
+    return 1.0 / mean.clamp(min=torch.finfo(unnormalized_weights.dtype).tiny)
 
 
 def token_weights(
@@ -38,34 +74,23 @@ def token_weights(
       variant).
     - `"focal"`: `(1 - p) ** focal_gamma`: tokens the policy finds unlikely count more (the paper saw it collapse).
     """
-    probs = per_token_logps.detach().exp()
-    if weighting == "uniform":
-        return torch.ones_like(probs)
-    if weighting == "phi":
-        return phi_token_weights(per_token_logps)
-    if weighting == "is":
-        return probs
-    if weighting == "focal":
-        return (1.0 - probs) ** focal_gamma
-    if weighting == "entropy":
-        if entropies is None:
-            raise ValueError("The entropy token weighting needs the per-token entropies.")
-        entropies = entropies.detach()
-        mask = mask.to(entropies.dtype)
-        mean_entropy = (entropies * mask).sum() / mask.sum().clamp(min=1.0)
-        return entropies / mean_entropy.clamp(min=torch.finfo(entropies.dtype).tiny)
-    raise ValueError(f"Unknown token weighting {weighting!r}; expected one of {TOKEN_WEIGHTINGS}.")
+    weights = unnormalized_token_weights(weighting, per_token_logps, entropies, focal_gamma)
+    return weights * token_weight_scale(weighting, weights, mask)
 
 
 @dataclass
-class ExpertLossOutput:
-    """The expert SFT loss of one micro-batch and the sums its metrics are built from (all detached but `loss`)."""
+class ExpertLossOutput(ModelOutput):
+    """
+    The expert SFT loss of one micro-batch and the sums its metrics are built from (all detached but `loss`).
 
-    loss: torch.Tensor
-    nll_sum: torch.Tensor
-    prob_sum: torch.Tensor
-    weight_sum: torch.Tensor
-    num_tokens: torch.Tensor
+    A `ModelOutput`, so that a model's forward can return it through DDP and DeepSpeed wrappers.
+    """
+
+    loss: torch.Tensor | None = None
+    nll_sum: torch.Tensor | None = None
+    prob_sum: torch.Tensor | None = None
+    weight_sum: torch.Tensor | None = None
+    num_tokens: torch.Tensor | None = None
 
 
 def expert_sft_loss(per_token_logps: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor) -> ExpertLossOutput:

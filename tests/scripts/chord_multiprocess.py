@@ -23,6 +23,8 @@ def main():
     parser.add_argument("--num-expert-examples", type=int, default=13)
     parser.add_argument("--max-steps", type=int, default=3)
     parser.add_argument("--mu-decay-steps", type=int, default=0)
+    parser.add_argument("--sgd", action="store_true", help="plain SGD, so that runs can be compared weight by weight")
+    parser.add_argument("--joint-backward", action="store_true", help="one backward through both terms")
     args = parser.parse_args()
 
     import sys
@@ -37,8 +39,10 @@ def main():
             "train_micro_batch_size_per_gpu": "auto",
             "gradient_accumulation_steps": "auto",
             "gradient_clipping": "auto",
-            "optimizer": {"type": "AdamW", "params": {"lr": "auto", "torch_adam": True}},
         }
+        if not args.sgd:
+            deepspeed["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "torch_adam": True}}
+    optimizer_args = dict(optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0) if args.sgd else {}
     config = ChordConfig(
         output_dir=os.path.join(args.output, "run"),
         per_device_train_batch_size=2,
@@ -47,7 +51,7 @@ def main():
         max_completion_length=6,
         max_steps=args.max_steps,
         logging_steps=1,
-        learning_rate=1e-2,
+        learning_rate=0.5 if args.sgd else 1e-2,
         report_to="none",
         bf16=False,
         save_strategy="no",
@@ -58,6 +62,7 @@ def main():
         deepspeed=deepspeed,
         # Without a GPU, accelerate only sets up the gloo process group when asked for the CPU explicitly
         use_cpu=not torch.cuda.is_available(),
+        **optimizer_args,
     )
     trainer = ChordTrainer(
         model=args.model,
@@ -67,6 +72,8 @@ def main():
         expert_dataset=make_expert_dataset(args.num_expert_examples),
         processing_class=AutoTokenizer.from_pretrained(args.model),
     )
+    if args.joint_backward:
+        trainer.backward_expert_term_first = False
     drawn = []
     next_batch = trainer.expert_sampler.next_batch
     trainer.expert_sampler.next_batch = lambda: drawn.append(next_batch()) or drawn[-1]
@@ -81,6 +88,8 @@ def main():
             digest.update(state_dict[name].detach().to(torch.float32).contiguous().numpy().tobytes())
         digest = digest.hexdigest()
     rank = trainer.accelerator.process_index
+    if rank == 0:
+        torch.save(state_dict, os.path.join(args.output, "weights.pt"))
     result = {
         "rank": rank,
         "num_processes": trainer.accelerator.num_processes,
@@ -89,6 +98,7 @@ def main():
         "mu": [entry["chord/mu"] for entry in trainer.state.log_history if "chord/mu" in entry],
         "sft_loss": [entry.get("chord/sft_loss") for entry in trainer.state.log_history if "chord/mu" in entry],
         "weights_sha256": digest,
+        "backward_expert_term_first": trainer.backward_expert_term_first,
     }
     with open(os.path.join(args.output, f"rank{rank}.json"), "w") as file:
         json.dump(result, file)
