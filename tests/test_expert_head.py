@@ -67,15 +67,22 @@ def test_no_expert_tokens_gives_a_zero_loss_that_backpropagates():
 
 
 def test_bf16_products_stay_close_to_fp32():
-    hidden, weight, bias, targets = (t.float() if t.is_floating_point() else t for t in _head_inputs(3, 64, 32, 97))
-    expected = weighted_expert_nll(hidden, weight, bias, targets, "phi").loss
-    # bf16 products from fp32 inputs (autocast), and bf16 inputs: the softmax and the loss stay fp32
-    autocast = weighted_expert_nll(hidden, weight, bias, targets, "phi", compute_dtype=torch.bfloat16).loss
-    bf16 = weighted_expert_nll(hidden.bfloat16(), weight.bfloat16(), bias.bfloat16(), targets, "phi").loss
-    for loss in (autocast, bf16):
-        assert loss.dtype == torch.float32
-        torch.testing.assert_close(loss, expected, rtol=2e-2, atol=0)
-        assert loss.item() != expected.item()  # bf16 products really ran
+    hidden, weight, bias, targets = _head_inputs(3, 64, 32, 97)
+    expected, _, expected_weight_grad, _ = _oracle(hidden, weight, bias, targets, "uniform", 1.0)
+    hidden, weight, bias = hidden.float(), weight.float().requires_grad_(True), bias.float()
+    # bf16 products from fp32 inputs (autocast), over 4 chunks whose weight gradients add up in fp32
+    autocast = weighted_expert_nll(
+        hidden, weight, bias, targets, "uniform", compute_dtype=torch.bfloat16, tile_bytes=6208
+    )
+    autocast.loss.backward()
+    # bf16 inputs
+    bf16 = weighted_expert_nll(hidden.bfloat16(), weight.bfloat16(), bias.bfloat16(), targets, "uniform").loss
+    for loss in (autocast.loss, bf16):
+        assert loss.dtype == torch.float32  # the softmax and the loss stay fp32
+        torch.testing.assert_close(loss, expected.loss.float(), rtol=2e-2, atol=0)
+        assert loss.item() != pytest.approx(expected.loss.item(), rel=1e-6)  # bf16 products really ran
+    assert weight.grad.dtype == torch.float32
+    torch.testing.assert_close(weight.grad, expected_weight_grad.float(), rtol=2e-2, atol=1e-3)
 
 
 def _expert_loss_and_grads(model, weighting, input_ids, labels):

@@ -33,6 +33,16 @@ def has_plain_lm_head(model: PreTrainedModel) -> bool:
     return all(getattr(text_config, field, None) is None for field in _LOGIT_TRANSFORM_FIELDS)
 
 
+def _add_product(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """`accumulator += a @ b` at the accumulator's precision: summing chunk products rounded to bf16 skews training."""
+    if a.dtype == accumulator.dtype:
+        accumulator.addmm_(a, b)
+    elif accumulator.device.type == "cuda":
+        torch.addmm(accumulator, a, b, out_dtype=accumulator.dtype, out=accumulator)
+    else:
+        accumulator.addmm_(a.to(accumulator.dtype), b.to(accumulator.dtype))
+
+
 class _WeightedNLLFunction(torch.autograd.Function):
     """
     `sum_t w_t * -log softmax(hidden_t @ weight.T + bias)[target_t] / N` over `N` tokens, with `w_t` detached token
@@ -87,7 +97,7 @@ class _WeightedNLLFunction(torch.autograd.Function):
             if needs_hidden_grad:
                 grad_hidden[start:end] = grad_logits @ weight
             if needs_weight_grad:
-                grad_weight += grad_logits.t() @ hidden_chunk
+                _add_product(grad_weight, grad_logits.t(), hidden_chunk)
             del probs, grad_logits
 
         # "entropy" divides every weight by their mean, known only now: the gradients take the same factor
