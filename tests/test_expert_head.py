@@ -1,5 +1,8 @@
 """The expert term's LM head against full logits differentiated by autograd, and against TRL's fused head."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -115,3 +118,34 @@ def test_plain_head_matches_trls_fused_head_on_the_same_model(tiny_model_dir, we
     # The other calls still reach the model's own forward
     logits = plain(input_ids=input_ids).logits
     assert logits.shape == (2, 9, plain.config.vocab_size)
+
+
+def test_the_head_never_holds_the_full_logits():
+    # Peak live bytes of the head's forward and backward, measured by the benchmark's own profiler-based meter
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from chord_overhead import PeakMemory, Variant
+
+    num_tokens, hidden_size, vocab_size = 512, 32, 4096
+    hidden, weight, bias, targets = (
+        t.float().requires_grad_(True) if t.is_floating_point() else t
+        for t in _head_inputs(4, num_tokens, hidden_size, vocab_size)
+    )
+    full_logits_bytes = num_tokens * vocab_size * 4  # 8 MiB
+    tile_bytes = full_logits_bytes // 8
+
+    def chunked_step():
+        weighted_expert_nll(hidden, weight, bias, targets, "phi", tile_bytes=tile_bytes).loss.backward()
+
+    def unfused_step():
+        log_softmax = (hidden @ weight.t() + bias).log_softmax(-1)
+        (-log_softmax.gather(-1, targets[:, None]).mean()).backward()
+
+    meter = PeakMemory(torch.device("cpu"))
+    chunked, unfused = (
+        meter.measure(Variant(name, None, step))
+        for name, step in [("chunked", chunked_step), ("unfused", unfused_step)]
+    )
+    assert unfused >= 2 * full_logits_bytes  # the oracle meter sees the logits and their log_softmax
+    # One tile, its dtype copies, and the fp32 gradients of the head and the hidden states
+    gradients_bytes = 4 * (vocab_size * hidden_size + vocab_size + num_tokens * hidden_size)
+    assert chunked <= 3 * tile_bytes + 2 * gradients_bytes < full_logits_bytes
