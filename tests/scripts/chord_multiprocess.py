@@ -102,6 +102,11 @@ def main():
     }
     with open(os.path.join(args.output, f"rank{rank}.json"), "w") as file:
         json.dump(result, file)
+    # Leave together and tear the process group down explicitly: a rank exiting while the other still saves, and
+    # left to the interpreter's teardown, aborted once under ZeRO-3 ("terminate called without an active exception")
+    trainer.accelerator.wait_for_everyone()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
