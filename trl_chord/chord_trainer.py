@@ -29,7 +29,9 @@ class ChordTrainer(GRPOTrainer):
     It takes every argument of [`~trl.GRPOTrainer`], plus `expert_dataset`. At each GRPO micro-step in training, each
     process draws one micro-batch of `args.chord_sft_per_device_train_batch_size` expert examples from its own shard
     and adds its SFT loss, scaled for gradient accumulation as GRPOTrainer scales its own. When `mu` is 0 for a step,
-    no expert forward pass runs. Evaluation loss stays GRPO's.
+    no expert forward pass runs. Evaluation loss stays GRPO's. The expert term goes through its own LM head
+    ([`~trl_chord.expert_head.weighted_expert_nll`]) and, on one device and under DDP, is backpropagated before the
+    GRPO forward (`backward_expert_term_first`), so that the step's peak memory is the larger term's.
 
     Args:
         expert_dataset ([`~datasets.Dataset`], *optional*):
