@@ -21,8 +21,7 @@ allocated before the step (the profiler's allocation events on CPU, `max_memory_
 It reports medians, IQRs and confidence intervals, the overhead efficiency `E = (T_chord - T_grpo) / T_sft`
 (bar: <= 1.05) and `T_chord0 / T_grpo` (bar: <= 1.01), how extra time and memory scale with the expert micro-batch
 (batch size and length), and the expert term alone through trl_chord's LM head, TRL's fused one and full logits.
-It writes
-`chord_overhead.json` and `chord_overhead.md` to the output directory and prints the table.
+It writes `chord_overhead.json` and `chord_overhead.md` to the output directory and prints the table.
 """
 
 import argparse
@@ -285,23 +284,17 @@ def sft_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:
     ).loss.backward()
 
 
-def chord_head_step(model, batch) -> None:
-    """The expert term as `ChordTrainer` computes it (its LM head, its token weighting), forward and backward."""
+def head_flag_step(model, batch, **head_flag) -> None:
+    """
+    The expert term through a head the model's forward switches to with a flag, forward and backward:
+    `chord_expert_loss=True` is trl_chord's head as `ChordTrainer` runs it (its token weighting included),
+    `fused_lm_head=True` TRL's fused LM head (`add_fused_lm_head`), the head trl_chord used before its own.
+    """
     model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         labels=expert_labels(batch),
-        chord_expert_loss=True,
-    ).loss.backward()
-
-
-def trl_fused_head_step(model, batch) -> None:
-    """The expert NLL through TRL's fused LM head (`add_fused_lm_head`), the head trl_chord used before its own."""
-    model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        labels=expert_labels(batch),
-        fused_lm_head=True,
+        **head_flag,
     ).loss.backward()
 
 
@@ -526,8 +519,8 @@ def head_experiment(chord_model, trl_fused_model, batch) -> Experiment:
     """The expert term alone through each head; `trl_fused_model` is a copy of the model with TRL's fused head."""
     return Experiment(
         [
-            Variant("chord_head", chord_model, lambda: chord_head_step(chord_model, batch)),
-            Variant("trl_fused", trl_fused_model, lambda: trl_fused_head_step(trl_fused_model, batch)),
+            Variant("chord_head", chord_model, lambda: head_flag_step(chord_model, batch, chord_expert_loss=True)),
+            Variant("trl_fused", trl_fused_model, lambda: head_flag_step(trl_fused_model, batch, fused_lm_head=True)),
             Variant("unfused", chord_model, lambda: unfused_head_step(chord_model, batch)),
         ]
     )

@@ -45,6 +45,10 @@ COMMON_ARGS = dict(
 )
 
 
+# Plain SGD at a constant rate, unclipped: each update is -learning_rate times the accumulated gradient
+PLAIN_SGD = dict(optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0.0)
+
+
 def chord_config(tmp_path, **overrides) -> ChordConfig:
     return ChordConfig(output_dir=str(tmp_path / "out"), **{**COMMON_ARGS, **overrides})
 

@@ -7,6 +7,7 @@ import torch
 from datasets import Dataset
 from helpers import (
     COMMON_ARGS,
+    PLAIN_SGD,
     chord_config,
     make_expert_dataset,
     make_rl_prompts,
@@ -101,7 +102,7 @@ def expert_nll_gradient(model_dir, expert_dataset, weighting: str) -> dict[str, 
 @pytest.mark.parametrize("weighting", ["uniform", "phi", "is", "focal", "entropy"])
 def test_mu_one_sgd_step_follows_the_expert_gradient(tiny_model_dir, tmp_path, weighting):
     expert = make_expert_dataset(5)
-    lr = 0.5
+    lr = PLAIN_SGD["learning_rate"]
     args = chord_config(
         tmp_path,
         chord_mu_peak=1.0,
@@ -109,10 +110,7 @@ def test_mu_one_sgd_step_follows_the_expert_gradient(tiny_model_dir, tmp_path, w
         chord_token_weighting=weighting,
         chord_sft_per_device_train_batch_size=len(expert),  # the whole set: its token mean does not depend on order
         temperature=0.7,  # rollouts are tempered, the SFT term must not be
-        optim="sgd",
-        learning_rate=lr,
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
+        **PLAIN_SGD,
         max_steps=1,
     )
     trainer = make_trainer(tiny_model_dir, args, expert)
@@ -236,10 +234,7 @@ def test_gradient_accumulation_scales_the_sft_term(tiny_model_dir, tmp_path):
         gradient_accumulation_steps=2,
         per_device_train_batch_size=2,
         num_generations=4,
-        optim="sgd",
-        learning_rate=0.5,
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
+        **PLAIN_SGD,
         max_steps=1,
     )
     trainer = make_trainer(tiny_model_dir, args, expert)
@@ -252,7 +247,7 @@ def test_gradient_accumulation_scales_the_sft_term(tiny_model_dir, tmp_path):
     assert len(drawn) == 2 and sorted(sum(drawn, [])) == [0, 1, 2, 3]
     oracle = [expert_nll_gradient(tiny_model_dir, expert.select(indices), "uniform") for indices in drawn]
     for name in after:
-        expected = -0.5 * (oracle[0][name] + oracle[1][name]) / 2
+        expected = -PLAIN_SGD["learning_rate"] * (oracle[0][name] + oracle[1][name]) / 2
         torch.testing.assert_close(after[name] - before[name], expected, rtol=1e-4, atol=1e-7, msg=name)
 
 
@@ -267,10 +262,7 @@ def test_expert_backward_first_gives_the_joint_backwards_update(tiny_model_dir, 
         gradient_accumulation_steps=2,
         per_device_train_batch_size=2,
         num_generations=4,
-        optim="sgd",
-        learning_rate=0.5,
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
+        **PLAIN_SGD,
         max_steps=2,
     )
     updates = {}

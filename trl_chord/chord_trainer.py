@@ -164,9 +164,10 @@ class ChordTrainer(GRPOTrainer):
             # Under DDP the gradients are all-reduced once, by the GRPO backward, over both terms' sum
             with self.accelerator.no_sync(model):
                 expert = self._expert_loss(model)
+                expert_term = mu * expert.loss / accumulation_steps
                 # `training_step` hands the returned loss to this same call, so both terms are scaled alike
-                self.accelerator.backward(mu * expert.loss / accumulation_steps)
-            expert_term = (mu * expert.loss / accumulation_steps).detach()
+                self.accelerator.backward(expert_term)
+            expert_term = expert_term.detach()
         elif mu > 0:
             expert = self._expert_loss(model)
             expert_term = mu * expert.loss / accumulation_steps

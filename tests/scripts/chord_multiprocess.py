@@ -30,7 +30,7 @@ def main():
     import sys
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from helpers import make_expert_dataset, make_rl_prompts, odd_char_reward
+    from helpers import PLAIN_SGD, make_expert_dataset, make_rl_prompts, odd_char_reward
 
     deepspeed = None
     if args.zero_stage is not None:
@@ -42,7 +42,7 @@ def main():
         }
         if not args.sgd:
             deepspeed["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "torch_adam": True}}
-    optimizer_args = dict(optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0) if args.sgd else {}
+    optimizer_args = PLAIN_SGD if args.sgd else {"learning_rate": 1e-2}
     config = ChordConfig(
         output_dir=os.path.join(args.output, "run"),
         per_device_train_batch_size=2,
@@ -51,7 +51,6 @@ def main():
         max_completion_length=6,
         max_steps=args.max_steps,
         logging_steps=1,
-        learning_rate=0.5 if args.sgd else 1e-2,
         report_to="none",
         bf16=False,
         save_strategy="no",
