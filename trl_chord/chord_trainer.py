@@ -143,14 +143,24 @@ class ChordTrainer(GRPOTrainer):
         return {name: tensor.to(self.accelerator.device) for name, tensor in batch.items()}
 
     def _expert_loss(self, model) -> ExpertLossOutput:
+        """The expert SFT loss of one micro-batch, plus the router load-balancing loss as GRPOTrainer adds its own."""
         batch = self._next_expert_batch()
+        # MoE models: request the router logits exactly when GRPOTrainer does for the GRPO term
+        moe_kwargs = {"output_router_logits": True} if self.aux_loss_enabled else {}
         with self.accelerator.autocast():
-            return model(
+            expert = model(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
                 labels=batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100),
                 chord_expert_loss=True,
+                # When the backward comes at once, the head computes its gradient in the forward; else it recomputes
+                # in the backward, so that no (vocab, hidden) gradient is held through the GRPO pass
+                chord_head_gradient_in_forward=self.backward_expert_term_first,
+                **moe_kwargs,
             )
+        if self.aux_loss_enabled:
+            expert.loss = expert.loss + self.router_aux_loss_coef * expert.aux_loss
+        return expert
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.model.training:
@@ -178,6 +188,8 @@ class ChordTrainer(GRPOTrainer):
         if mu > 0:
             loss = (1.0 - mu) * grpo_loss + expert_term
             stats += [expert.loss.detach(), expert.nll_sum, expert.prob_sum, expert.weight_sum, expert.num_tokens]
+            if self.aux_loss_enabled:
+                stats.append(expert.aux_loss.detach())
         else:
             loss = grpo_loss
 
@@ -200,7 +212,9 @@ class ChordTrainer(GRPOTrainer):
             )
             self._warned_zero_advantages = True
         if mu > 0:
-            sft_loss, nll_sum, prob_sum, weight_sum, num_tokens = totals[3:]
+            sft_loss, nll_sum, prob_sum, weight_sum, num_tokens = totals[3:8]
+            if self.aux_loss_enabled:
+                metrics["chord/expert_aux_loss"].append(totals[8] / num_processes)
             self._raise_if_not_finite("SFT", sft_loss)
             metrics["chord/sft_loss"].append(sft_loss / num_processes)
             metrics["chord/expert_nll"].append(nll_sum / max(num_tokens, 1.0))

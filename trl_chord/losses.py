@@ -1,5 +1,6 @@
 """The expert SFT term of CHORD as small pure functions over per-token log-probabilities."""
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,20 @@ def unnormalized_token_weights(
     raise ValueError(f"Unknown token weighting {weighting!r}; expected one of {TOKEN_WEIGHTINGS}.")
 
 
+def unnormalized_token_weight_bound(weighting: str, vocab_size: int, focal_gamma: float = 2.0) -> float:
+    """
+    An upper bound on [`unnormalized_token_weights`] for any distribution over `vocab_size` tokens: 1 for `"uniform"`,
+    `"is"` and `"focal"` (`gamma >= 0`), 1/4 for `"phi"`, and `log(vocab_size)`, the largest entropy, for `"entropy"`.
+    """
+    if weighting == "phi":
+        return 0.25
+    if weighting == "entropy":
+        return math.log(vocab_size)
+    if weighting in TOKEN_WEIGHTINGS:
+        return 1.0
+    raise ValueError(f"Unknown token weighting {weighting!r}; expected one of {TOKEN_WEIGHTINGS}.")
+
+
 def token_weight_scale(weighting: str, unnormalized_weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The micro-batch factor of [`token_weights`]: 1 over the masked mean for `"entropy"`, else 1."""
     if weighting != "entropy":
@@ -81,12 +96,15 @@ def token_weights(
 @dataclass
 class ExpertLossOutput(ModelOutput):
     """
-    The expert SFT loss of one micro-batch and the sums its metrics are built from (all detached but `loss`).
+    The expert SFT loss of one micro-batch and the sums its metrics are built from (all detached but `loss` and
+    `aux_loss`).
 
-    A `ModelOutput`, so that a model's forward can return it through DDP and DeepSpeed wrappers.
+    A `ModelOutput`, so that a model's forward can return it through DDP and DeepSpeed wrappers. `aux_loss` is the
+    router load-balancing loss of a Mixture-of-Experts model on the expert micro-batch, when it was asked for.
     """
 
     loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
     nll_sum: torch.Tensor | None = None
     prob_sum: torch.Tensor | None = None
     weight_sum: torch.Tensor | None = None
