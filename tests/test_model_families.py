@@ -206,3 +206,106 @@ def make_expert_rows(num_examples):
             "completion": [[{"role": "assistant", "content": f"{i * 3}"}] for i in range(num_examples)],
         }
     )
+
+
+# Quantized bases (bitsandbytes' CPU backend)
+def quantized_model(model_dir, **quantization):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=BitsAndBytesConfig(**quantization), device_map="cpu", dtype=torch.float32
+    )
+    # In eval mode bitsandbytes repacks 4-bit weights for CPU inference, a path autograd cannot go through
+    return model.train()
+
+
+def lora_gradients(model):
+    return {name: param.grad.clone() for name, param in model.named_parameters() if "lora_" in name}
+
+
+@pytest.fixture(scope="module")
+def untied_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A Qwen2 model whose LM head is its own Linear, so that a quantization config can quantize it or leave it."""
+    path = str(tmp_path_factory.mktemp("untied-model"))
+    # bitsandbytes' CPU kernels want each projection at least 32 wide and 64 deep
+    shapes = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1)
+    build_model("qwen2", tie_word_embeddings=False, **shapes).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def test_qlora_4bit_base_expert_loss_equals_its_own_logits_and_adapters_get_the_gradient(untied_model_dir):
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+
+    model = quantized_model(untied_model_dir, load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    assert type(model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
+    for name, param in model.named_parameters():  # LoRA's B starts at 0, which would hide A's gradient
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    batch = expert_batch(2)
+    expected, _ = own_expert_loss(model, *batch)
+    expected.loss.backward()
+    expected_grads = lora_gradients(model)
+    model.zero_grad()
+
+    add_expert_loss_head(model.get_base_model(), weighting="phi", focal_gamma=2.0, cast_lm_head_to_fp32=False)
+    input_ids, attention_mask, labels = batch
+    out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, chord_expert_loss=True)
+    out.loss.backward()
+    assert model.get_base_model().chord_lm_head_probe.path == "chunked"  # the head itself is not quantized
+    torch.testing.assert_close(out.loss, expected.loss)
+    grads = lora_gradients(model)
+    assert set(grads) == set(expected_grads) and len(grads) == 2 * 3 * 2  # A and B, 3 modules, 2 layers
+    for name, grad in expected_grads.items():
+        assert torch.count_nonzero(grad) > 0, name
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert all(param.grad is None for name, param in model.named_parameters() if "lora_" not in name)
+
+
+def test_a_quantized_lm_head_is_detected_and_the_exact_fallback_is_taken(untied_model_dir):
+    pytest.importorskip("bitsandbytes")
+    # 8-bit everywhere, the LM head included: its weight is int8, which no matmul of the chunked head may read
+    model = quantized_model(untied_model_dir, load_in_8bit=True, llm_int8_skip_modules=[])
+    assert type(model.lm_head).__name__ == "Linear8bitLt" and model.lm_head.weight.dtype == torch.int8
+    batch = expert_batch(3)
+    with torch.no_grad():
+        expected, _ = own_expert_loss(model, *batch)
+        out = chord_expert_loss(model, *batch)
+    probe = model.chord_lm_head_probe
+    assert probe.path == "full_logits" and "Linear8bitLt" in probe.reason, probe
+    torch.testing.assert_close(out.loss, expected.loss)
+    torch.testing.assert_close(out.nll_sum, expected.nll_sum)
+
+
+def test_qlora_training_run_moves_only_the_adapters(untied_model_dir, tiny_tokenizer, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig
+
+    args = chord_config(
+        tmp_path,
+        chord_mu_valley=0.5,
+        learning_rate=5e-2,
+        model_init_kwargs={
+            "quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
+            "device_map": "cpu",
+            "dtype": torch.float32,
+        },
+    )
+    trainer = ChordTrainer(
+        model=untied_model_dir,
+        reward_funcs=odd_char_reward,
+        args=args,
+        train_dataset=make_rl_prompts(),
+        expert_dataset=make_expert_rows(6),
+        processing_class=tiny_tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
+    before = {name: param.detach().clone() for name, param in trainer.model.named_parameters()}
+    trainer.train()
+    changed = {name for name, param in trainer.model.named_parameters() if not torch.equal(param, before[name])}
+    assert changed and all("lora_" in name for name in changed)
+    sft_losses = [entry["chord/sft_loss"] for entry in trainer.state.log_history if "chord/sft_loss" in entry]
+    assert len(sft_losses) == 2 and all(torch.isfinite(torch.tensor(sft_losses)))

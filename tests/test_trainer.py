@@ -349,6 +349,7 @@ def test_resume_from_a_checkpoint_without_chord_state_fails(tiny_model_dir, tmp_
         (dict(chord_mu_schedule="linear"), "`chord_mu_schedule` must be 'cosine' or 'adaptive'"),
         (dict(chord_adaptive_mu_tau=-1.0), "`chord_adaptive_mu_tau` must be >= 0"),
         (dict(chord_token_weighting="top5"), "`chord_token_weighting` must be one of"),
+        (dict(chord_focal_gamma=-1.0), "`chord_focal_gamma` must be >= 0"),
     ],
 )
 def test_bad_config_values(tmp_path, overrides, message):

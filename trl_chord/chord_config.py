@@ -50,7 +50,7 @@ class ChordConfig(GRPOConfig):
             (`p`, importance sampling), `"entropy"` (the token's entropy over the micro-batch mean) or `"focal"`
             (`(1 - p) ** chord_focal_gamma`). Unset: `"phi"` if `chord_enable_phi_function` else `"uniform"`.
         chord_focal_gamma (`float`, *optional*, defaults to `2.0`):
-            Exponent of the focal token weighting.
+            Exponent of the focal token weighting, `>= 0`.
         chord_sft_per_device_train_batch_size (`int`, *optional*, defaults to `1`):
             Number of expert examples in the SFT micro-batch drawn on each process at every GRPO micro-step.
         chord_sft_max_length (`int`, *optional*, defaults to `1024`):
@@ -105,7 +105,7 @@ class ChordConfig(GRPOConfig):
             "choices": list(TOKEN_WEIGHTINGS),
         },
     )
-    chord_focal_gamma: float = field(default=2.0, metadata={"help": "Exponent of the focal token weighting."})
+    chord_focal_gamma: float = field(default=2.0, metadata={"help": "Exponent of the focal token weighting, >= 0."})
     chord_sft_per_device_train_batch_size: int = field(
         default=1,
         metadata={
@@ -143,6 +143,8 @@ class ChordConfig(GRPOConfig):
             raise ValueError(f"`chord_mu_schedule` must be 'cosine' or 'adaptive', got {self.chord_mu_schedule!r}.")
         if self.chord_adaptive_mu_tau < 0:
             raise ValueError(f"`chord_adaptive_mu_tau` must be >= 0, got {self.chord_adaptive_mu_tau}.")
+        if self.chord_focal_gamma < 0:
+            raise ValueError(f"`chord_focal_gamma` must be >= 0, got {self.chord_focal_gamma}.")
         if self.chord_token_weighting is None:
             self.chord_token_weighting = "phi" if self.chord_enable_phi_function else "uniform"
         elif self.chord_token_weighting not in TOKEN_WEIGHTINGS:

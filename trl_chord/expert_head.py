@@ -60,8 +60,9 @@ def _add_product(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor) ->
 def fp16_gradient_scale(weighting: str, num_tokens: int, vocab_size: int, focal_gamma: float) -> float:
     """
     Power of two that `d loss / d logit` is multiplied by before it is cast to fp16 (and divided by after the
-    products, exactly). `|d loss / d logit_v| = |p_v - 1[v = target]| * w / N <= w_max / N`, so the scaled values stay
-    below [`FP16_GRADIENT_PEAK`] and the small ones keep fp16's precision, as a GradScaler's scale does for a plain head.
+    products, exactly). `|d loss / d logit_v| = |p_v - 1[v = target]| * w / N <= w_max / N`, so the scaled values
+    stay below [`FP16_GRADIENT_PEAK`] and the small ones keep fp16's precision, as a GradScaler's scale does for a
+    plain head.
     """
     bound = unnormalized_token_weight_bound(weighting, vocab_size, focal_gamma) / max(num_tokens, 1)
     return 2.0 ** math.floor(math.log2(FP16_GRADIENT_PEAK / bound))
