@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Partial, Replicate
 from transformers import PreTrainedModel
 from transformers.utils import logging
 from trl.trainer.utils import add_fused_lm_head, maybe_gather_lm_head_ctx
@@ -274,6 +274,17 @@ def weighted_expert_nll(
     )
 
 
+def full_tensor_with_averaged_gradient(tensor: DTensor) -> torch.Tensor:
+    """
+    The whole of an FSDP2-sharded parameter, on every rank, whose gradient goes back to the shards averaged over the
+    ranks, as FSDP2 averages the gradients it reduces itself. (`full_tensor()` takes each rank's gradient as the
+    gradient: each shard would get its own rank's part alone.)
+    """
+    num_dims = tensor.device_mesh.ndim
+    replicated = tensor.redistribute(placements=[Replicate()] * num_dims)
+    return replicated.to_local(grad_placements=[Partial("avg")] * num_dims)
+
+
 HEAD_PATHS = ("chunked", "trl_fused", "full_logits")
 
 
@@ -475,8 +486,8 @@ def add_expert_loss_head(
         lm_head = self.get_output_embeddings()
         weight, bias = lm_head.weight, lm_head.bias
         if isinstance(weight, DTensor):  # FSDP2 shards a separately wrapped head: gather it once for all chunks
-            weight = weight.full_tensor()
-            bias = None if bias is None else bias.full_tensor()
+            weight = full_tensor_with_averaged_gradient(weight)
+            bias = None if bias is None else full_tensor_with_averaged_gradient(bias)
         hidden_states = hidden_states[mask.to(hidden_states.device)].to(weight.device)
         if cast_lm_head_to_fp32:
             hidden_states, compute_dtype = hidden_states.float(), torch.float32
