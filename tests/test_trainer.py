@@ -73,12 +73,26 @@ def oracle_weights(weighting: str, logits: torch.Tensor, logps: torch.Tensor) ->
     ]
 
 
-def expert_nll_gradient(model_dir, expert_dataset, weighting: str) -> dict[str, torch.Tensor]:
-    """Token-mean weighted NLL of the expert completions with the model's plain forward at temperature 1, and its
-    gradient."""
+def aggregate(terms: list[torch.Tensor], aggregation: str, norm_length: int | None = None) -> torch.Tensor:
+    """One micro-batch's SFT loss from each example's per-token terms, written out per mode."""
+    if aggregation == "token-mean":
+        return torch.cat(terms).sum() / sum(len(t) for t in terms)
+    if aggregation == "seq-mean-token-mean":
+        return sum(t.mean() for t in terms) / len(terms)
+    if aggregation == "seq-mean-token-sum":
+        return sum(t.sum() for t in terms) / len(terms)
+    assert aggregation == "seq-mean-token-sum-norm"
+    return sum(t.sum() / norm_length for t in terms) / len(terms)
+
+
+def expert_nll_gradient(
+    model_dir, expert_dataset, weighting: str, aggregation: str = "token-mean", norm_length: int | None = None
+) -> dict[str, torch.Tensor]:
+    """The weighted NLL of the expert completions, aggregated over the examples as one micro-batch, with the model's
+    plain forward at temperature 1, and its gradient."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    terms, all_weights = [], []
+    nlls, all_weights = [], []
     for example in expert_dataset:
         prompt_ids = tokenizer.apply_chat_template(
             example["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True
@@ -90,12 +104,13 @@ def expert_nll_gradient(model_dir, expert_dataset, weighting: str) -> dict[str, 
         logits = model(torch.tensor([full_ids])).logits[0, :-1].float()[len(prompt_ids) - 1 :]
         targets = torch.tensor(full_ids[len(prompt_ids) :])
         logps = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
-        terms.append(-logps)
+        nlls.append(-logps)
         all_weights.append(oracle_weights(weighting, logits, logps))
-    weights = torch.cat(all_weights)
-    if weighting == "entropy":
-        weights = weights / weights.mean()
-    (torch.cat(terms) * weights).mean().backward()
+    if weighting == "entropy":  # normalised by the mean over the micro-batch's tokens
+        mean = torch.cat(all_weights).mean()
+        all_weights = [weights / mean for weights in all_weights]
+    terms = [nll * weights for nll, weights in zip(nlls, all_weights)]
+    aggregate(terms, aggregation, norm_length).backward()
     return {name: param.grad.clone() for name, param in model.named_parameters()}
 
 
@@ -251,6 +266,69 @@ def test_gradient_accumulation_scales_the_sft_term(tiny_model_dir, tmp_path):
         torch.testing.assert_close(after[name] - before[name], expected, rtol=1e-4, atol=1e-7, msg=name)
 
 
+def make_expert_dataset_of_lengths(lengths: list[int]) -> Dataset:
+    """Examples whose completions are `length` characters long, so that the aggregations weigh them differently."""
+    return Dataset.from_dict(
+        {
+            "prompt": [[{"role": "user", "content": f"repeat {i}"}] for i in range(len(lengths))],
+            "completion": [[{"role": "assistant", "content": str(i) * n}] for i, n in enumerate(lengths)],
+        }
+    )
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "phi", "is", "focal", "entropy"])
+@pytest.mark.parametrize(
+    "aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+)
+def test_each_sft_loss_aggregation_sgd_step_follows_its_oracle(tiny_model_dir, tmp_path, aggregation, weighting):
+    # mu = 1, plain SGD, two accumulated micro-batches of two examples of very different lengths: the update is -lr
+    # times the mean over the micro-batches of the gradient of each one's aggregate, computed independently
+    expert = make_expert_dataset_of_lengths([1, 9, 3, 14])
+    args = chord_config(
+        tmp_path,
+        chord_mu_peak=1.0,
+        chord_mu_valley=1.0,
+        chord_token_weighting=weighting,
+        chord_sft_loss_agg_mode=aggregation,
+        chord_sft_max_length=48,  # longer than every example: nothing is cut
+        chord_sft_per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        per_device_train_batch_size=2,
+        num_generations=4,
+        **PLAIN_SGD,
+        max_steps=1,
+    )
+    trainer = make_trainer(tiny_model_dir, args, expert)
+    drawn = []
+    next_batch = trainer.expert_sampler.next_batch
+    trainer.expert_sampler.next_batch = lambda: drawn.append(next_batch()) or drawn[-1]
+    before = weights(trainer)
+    trainer.train()
+    after = weights(trainer)
+    assert len(drawn) == 2 and sorted(sum(drawn, [])) == [0, 1, 2, 3]
+    oracle = [
+        expert_nll_gradient(tiny_model_dir, expert.select(indices), weighting, aggregation, norm_length=48)
+        for indices in drawn
+    ]
+    for name in after:
+        expected = -PLAIN_SGD["learning_rate"] * (oracle[0][name] + oracle[1][name]) / 2
+        torch.testing.assert_close(after[name] - before[name], expected, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_sft_loss_aggregations_differ_on_examples_of_different_lengths(tiny_model_dir):
+    # The modes are not the same loss written four ways: on one micro-batch their gradients all differ
+    expert = make_expert_dataset_of_lengths([1, 14])
+    gradients = {
+        aggregation: expert_nll_gradient(tiny_model_dir, expert, "uniform", aggregation, norm_length=40)
+        for aggregation in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+    }
+    names = list(gradients)
+    for first in range(len(names)):
+        for second in range(first + 1, len(names)):
+            a, b = gradients[names[first]]["model.norm.weight"], gradients[names[second]]["model.norm.weight"]
+            assert not torch.allclose(a, b, rtol=1e-2), (names[first], names[second])
+
+
 @pytest.mark.parametrize("weighting", ["phi", "entropy"])
 def test_expert_backward_first_gives_the_joint_backwards_update(tiny_model_dir, tmp_path, weighting):
     # Two backwards per micro-step (expert term first) against one through (1 - mu) * grpo + mu * sft, same seed
@@ -350,6 +428,7 @@ def test_resume_from_a_checkpoint_without_chord_state_fails(tiny_model_dir, tmp_
         (dict(chord_adaptive_mu_tau=-1.0), "`chord_adaptive_mu_tau` must be >= 0"),
         (dict(chord_token_weighting="top5"), "`chord_token_weighting` must be one of"),
         (dict(chord_focal_gamma=-1.0), "`chord_focal_gamma` must be >= 0"),
+        (dict(chord_sft_loss_agg_mode="sum"), "`chord_sft_loss_agg_mode` must be one of"),
     ],
 )
 def test_bad_config_values(tmp_path, overrides, message):

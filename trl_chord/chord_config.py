@@ -2,7 +2,7 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
-from .losses import TOKEN_WEIGHTINGS
+from .losses import SFT_LOSS_AGGREGATIONS, TOKEN_WEIGHTINGS
 
 
 @dataclass
@@ -53,6 +53,13 @@ class ChordConfig(GRPOConfig):
             Exponent of the focal token weighting, `>= 0`.
         chord_sft_per_device_train_batch_size (`int`, *optional*, defaults to `1`):
             Number of expert examples in the SFT micro-batch drawn on each process at every GRPO micro-step.
+        chord_sft_loss_agg_mode (`str`, *optional*, defaults to `"token-mean"`):
+            How the expert micro-batch's per-token losses become the SFT loss (Trinity-RFT's `sft_loss_agg_mode`):
+            `"token-mean"` (every token counts the same, so a long solution counts more), `"seq-mean-token-mean"`
+            (every example counts the same), `"seq-mean-token-sum"` (the token sum, averaged over examples) or
+            `"seq-mean-token-sum-norm"` (the token sum over the constant `chord_sft_max_length`, averaged over
+            examples). Each process aggregates its own micro-batch; the gradients are then averaged over processes
+            and accumulation steps, as GRPOTrainer's are.
         chord_sft_max_length (`int`, *optional*, defaults to `1024`):
             Maximum length in tokens of an expert example (prompt and completion together). Longer examples are cut
             at the end of the completion; an example whose completion is cut away entirely is skipped and counted.
@@ -112,6 +119,14 @@ class ChordConfig(GRPOConfig):
             "help": "Number of expert examples in the SFT micro-batch drawn on each process at every GRPO micro-step."
         },
     )
+    chord_sft_loss_agg_mode: str = field(
+        default="token-mean",
+        metadata={
+            "help": "How the expert micro-batch's per-token losses are aggregated: token-mean, seq-mean-token-mean, "
+            "seq-mean-token-sum, or seq-mean-token-sum-norm (token sum over chord_sft_max_length).",
+            "choices": list(SFT_LOSS_AGGREGATIONS),
+        },
+    )
     chord_sft_max_length: int = field(
         default=1024,
         metadata={
@@ -143,6 +158,11 @@ class ChordConfig(GRPOConfig):
             raise ValueError(f"`chord_mu_schedule` must be 'cosine' or 'adaptive', got {self.chord_mu_schedule!r}.")
         if self.chord_adaptive_mu_tau < 0:
             raise ValueError(f"`chord_adaptive_mu_tau` must be >= 0, got {self.chord_adaptive_mu_tau}.")
+        if self.chord_sft_loss_agg_mode not in SFT_LOSS_AGGREGATIONS:
+            raise ValueError(
+                f"`chord_sft_loss_agg_mode` must be one of {SFT_LOSS_AGGREGATIONS}, got "
+                f"{self.chord_sft_loss_agg_mode!r}."
+            )
         if self.chord_focal_gamma < 0:
             raise ValueError(f"`chord_focal_gamma` must be >= 0, got {self.chord_focal_gamma}.")
         if self.chord_token_weighting is None:

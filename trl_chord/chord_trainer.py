@@ -125,6 +125,8 @@ class ChordTrainer(GRPOTrainer):
                 weighting=args.chord_token_weighting,
                 focal_gamma=args.chord_focal_gamma,
                 cast_lm_head_to_fp32=args.cast_lm_head_to_fp32,
+                aggregation=args.chord_sft_loss_agg_mode,
+                norm_length=args.chord_sft_max_length,
             )
         # Backpropagating the expert term before the GRPO forward frees its graph and folds its gradient into `.grad`
         # before the GRPO graph exists: the step's peak memory is that of the larger term, not of both plus a second

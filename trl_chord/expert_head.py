@@ -28,6 +28,7 @@ from trl.trainer.utils import add_fused_lm_head, maybe_gather_lm_head_ctx
 from .losses import (
     ExpertLossOutput,
     expert_sft_loss,
+    token_loss_scales,
     token_weight_scale,
     token_weights,
     unnormalized_token_weight_bound,
@@ -57,14 +58,14 @@ def _add_product(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor) ->
         accumulator.addmm_(a.to(accumulator.dtype), b.to(accumulator.dtype))
 
 
-def fp16_gradient_scale(weighting: str, num_tokens: int, vocab_size: int, focal_gamma: float) -> float:
+def fp16_gradient_scale(weighting: str, largest_token_scale: float, vocab_size: int, focal_gamma: float) -> float:
     """
     Power of two that `d loss / d logit` is multiplied by before it is cast to fp16 (and divided by after the
-    products, exactly). `|d loss / d logit_v| = |p_v - 1[v = target]| * w / N <= w_max / N`, so the scaled values
-    stay below [`FP16_GRADIENT_PEAK`] and the small ones keep fp16's precision, as a GradScaler's scale does for a
-    plain head.
+    products, exactly). `|d loss / d logit_v| = |p_v - 1[v = target]| * w * c <= w_max * c_max`, with `c` the token's
+    factor in the aggregated loss (`1 / N` for a token mean), so the scaled values stay below [`FP16_GRADIENT_PEAK`]
+    and the small ones keep fp16's precision, as a GradScaler's scale does for a plain head.
     """
-    bound = unnormalized_token_weight_bound(weighting, vocab_size, focal_gamma) / max(num_tokens, 1)
+    bound = unnormalized_token_weight_bound(weighting, vocab_size, focal_gamma) * largest_token_scale
     return 2.0 ** math.floor(math.log2(FP16_GRADIENT_PEAK / bound))
 
 
@@ -97,8 +98,9 @@ def _accumulate_chunk_gradients(probs, chunk_targets, coefficients, hidden_chunk
 
 class _WeightedNLLFunction(torch.autograd.Function):
     """
-    `sum_t w_t * -log softmax(hidden_t @ weight.T + bias)[target_t] / N` over `N` tokens, with `w_t` detached token
-    weights, and the detached per-token log-probabilities and weights for metrics.
+    `sum_t c_t * w_t * -log softmax(hidden_t @ weight.T + bias)[target_t]`, with `w_t` detached token weights and `c_t`
+    each token's factor in the aggregation (`1 / N` for a token mean), and the detached per-token log-probabilities
+    and weights for metrics.
 
     The weights depend only on each token's own distribution (and, for "entropy", one scale over all tokens), so the
     gradients are known once a chunk's softmax is. With `gradient_in_forward`, they are accumulated during the forward
@@ -110,7 +112,17 @@ class _WeightedNLLFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, hidden, weight, bias, targets, weighting, focal_gamma, compute_dtype, chunk_tokens, gradient_in_forward
+        ctx,
+        hidden,
+        weight,
+        bias,
+        targets,
+        token_scales,
+        weighting,
+        focal_gamma,
+        compute_dtype,
+        chunk_tokens,
+        gradient_in_forward,
     ):
         needs_grads = ctx.needs_input_grad[:3]
         ctx.input_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -119,8 +131,9 @@ class _WeightedNLLFunction(torch.autograd.Function):
         float_dtype = torch.promote_types(compute_dtype, torch.float32)
         float_options = {"device": hidden.device, "dtype": float_dtype}
         gradient_scale = 1.0
-        if compute_dtype == torch.float16:
-            gradient_scale = fp16_gradient_scale(weighting, num_tokens, weight.shape[0], focal_gamma)
+        if compute_dtype == torch.float16 and num_tokens > 0:
+            largest_token_scale = token_scales.max().item()
+            gradient_scale = fp16_gradient_scale(weighting, largest_token_scale, weight.shape[0], focal_gamma)
         grads = (None, None, None)
         if gradient_in_forward:
             grads = tuple(
@@ -144,7 +157,7 @@ class _WeightedNLLFunction(torch.autograd.Function):
                 weighting, log_probs[rows], entropies=entropies, focal_gamma=focal_gamma
             )
             if gradient_in_forward and any(needs_grads):
-                coefficients = raw_weights[rows] / max(num_tokens, 1)
+                coefficients = raw_weights[rows] * token_scales[rows]
                 _accumulate_chunk_gradients(
                     probs, chunk_targets, coefficients, hidden_chunk, head_weight, grads, rows, gradient_scale
                 )
@@ -153,7 +166,7 @@ class _WeightedNLLFunction(torch.autograd.Function):
         # "entropy" divides every weight by their mean, known only now: the gradients take the same factor
         scale = token_weight_scale(weighting, raw_weights, torch.ones_like(raw_weights))
         weights = raw_weights * scale
-        loss = -(log_probs * weights).sum() / max(num_tokens, 1)
+        loss = -(log_probs * weights * token_scales).sum()
         ctx.mark_non_differentiable(log_probs, weights)
         ctx.gradient_in_forward = gradient_in_forward
         if gradient_in_forward:
@@ -163,7 +176,7 @@ class _WeightedNLLFunction(torch.autograd.Function):
                     grad.mul_(scale if index == 2 else scale / gradient_scale)
             ctx.save_for_backward(*grads)
         else:
-            ctx.save_for_backward(hidden, targets, weights)
+            ctx.save_for_backward(hidden, targets, weights * token_scales)
             # The head is kept by reference, not saved: under ZeRO-3 its data is gathered again in the backward
             ctx.head = (weight, bias)
             ctx.options = (compute_dtype, chunk_tokens, gradient_scale)
@@ -178,12 +191,12 @@ class _WeightedNLLFunction(torch.autograd.Function):
         grads = tuple(
             None if grad is None else (grad * grad_loss).to(dtype) for grad, dtype in zip(grads, ctx.input_dtypes)
         )
-        return *grads, None, None, None, None, None, None
+        return *grads, None, None, None, None, None, None, None
 
 
 def _recomputed_gradients(ctx) -> tuple:
     """The gradients of the unscaled loss, from the hidden states and weights kept by the forward."""
-    hidden, targets, weights = ctx.saved_tensors
+    hidden, targets, coefficients = ctx.saved_tensors
     weight, bias = ctx.head
     compute_dtype, chunk_tokens, gradient_scale = ctx.options
     needs_grads = ctx.needs_input_grad[:3]
@@ -199,11 +212,10 @@ def _recomputed_gradients(ctx) -> tuple:
             rows = slice(start, min(start + chunk_tokens, num_tokens))
             hidden_chunk = hidden[rows].to(compute_dtype)
             probs = _chunk_log_softmax(hidden_chunk, head_weight, head_bias, float_options["dtype"]).exp_()
-            coefficients = weights[rows] / max(num_tokens, 1)
             _accumulate_chunk_gradients(
                 probs,
                 targets[rows].unsqueeze(-1),
-                coefficients,
+                coefficients[rows],
                 hidden_chunk,
                 head_weight,
                 grads,
@@ -227,10 +239,12 @@ def weighted_expert_nll(
     compute_dtype: torch.dtype | None = None,
     tile_bytes: int = EXPERT_HEAD_TILE_BYTES,
     gradient_in_forward: bool = True,
+    token_scales: torch.Tensor | None = None,
 ) -> ExpertLossOutput:
     """
     The expert SFT loss of [`expert_sft_loss`] with the weights of [`token_weights`], straight from the LM head's
-    input: the token mean of `-logp * stopgrad(w)` over the rows of `hidden`, and its metric sums.
+    input: the token mean of `-logp * stopgrad(w)` over the rows of `hidden` (or the aggregation `token_scales`
+    gives), and its metric sums.
 
     Args:
         hidden (`torch.Tensor` of shape `(num_tokens, hidden_size)`):
@@ -250,7 +264,13 @@ def weighted_expert_nll(
             Compute the gradients during the forward (three head products; they are held until the backward), or
             recompute the logits in the backward (four products; only the hidden states are held). The first suits a
             backward that follows at once, the second one that runs after another forward and backward.
+        token_scales (`torch.Tensor` of shape `(num_tokens,)`, *optional*):
+            Each token's factor in the aggregated loss ([`token_loss_scales`] at the expert tokens); `1 / num_tokens`
+            (the token mean) when not given.
     """
+    float_dtype = torch.promote_types(compute_dtype or hidden.dtype, torch.float32)
+    if token_scales is None:
+        token_scales = torch.full(targets.shape, 1.0 / max(targets.numel(), 1), device=hidden.device)
     chunk_tokens = max(1, tile_bytes // (4 * weight.shape[0]))
     # The products run in `compute_dtype` exactly, whatever autocast would choose for them
     with torch.autocast(hidden.device.type, enabled=False):
@@ -259,6 +279,7 @@ def weighted_expert_nll(
             weight,
             bias,
             targets,
+            token_scales.to(device=hidden.device, dtype=float_dtype),
             weighting,
             focal_gamma,
             compute_dtype or hidden.dtype,
@@ -267,6 +288,7 @@ def weighted_expert_nll(
         )
     return ExpertLossOutput(
         loss=loss,
+        token_log_probs=log_probs,
         nll_sum=-log_probs.sum(),
         prob_sum=log_probs.exp().sum(),
         weight_sum=weights.sum(),
@@ -411,7 +433,12 @@ def probe_lm_head(
 
 
 def add_expert_loss_head(
-    model: PreTrainedModel, weighting: str, focal_gamma: float, cast_lm_head_to_fp32: bool
+    model: PreTrainedModel,
+    weighting: str,
+    focal_gamma: float,
+    cast_lm_head_to_fp32: bool,
+    aggregation: str = "token-mean",
+    norm_length: int | None = None,
 ) -> None:
     """
     Let `model(input_ids, attention_mask, labels, chord_expert_loss=True)` return the expert SFT loss as an
@@ -420,8 +447,9 @@ def add_expert_loss_head(
 
     The first expert call probes the model ([`probe_lm_head`]) and picks the head; `model.chord_lm_head_probe` then
     says which and why. `chord_head_gradient_in_forward` (default `True`) is passed on to [`weighted_expert_nll`].
-    With `output_router_logits=True`, a Mixture-of-Experts model's load-balancing loss on the expert micro-batch comes
-    back as `aux_loss`, as the model's own forward computes it.
+    The per-token losses are aggregated as `aggregation` says ([`token_loss_scales`], with `norm_length` for
+    `"seq-mean-token-sum-norm"`). With `output_router_logits=True`, a Mixture-of-Experts model's load-balancing loss on
+    the expert micro-batch comes back as `aux_loss`, as the model's own forward computes it.
     """
     original_forward = model.forward
     outputs = ("log_probs", "entropy") if weighting == "entropy" else ("log_probs",)
@@ -431,7 +459,7 @@ def add_expert_loss_head(
 
     def loss_from_log_probs(log_probs, mask, entropies=None):
         weights = token_weights(weighting, log_probs, mask, entropies=entropies, focal_gamma=focal_gamma)
-        return expert_sft_loss(log_probs, mask, weights)
+        return expert_sft_loss(log_probs, mask, weights, token_loss_scales(mask, aggregation, norm_length))
 
     # Keep the original signature: `generate` validates its model kwargs against it
     @functools.wraps(type(model).forward)
@@ -458,20 +486,23 @@ def add_expert_loss_head(
         if path == "trl_fused":
             output = trl_head_forward(*args, labels=labels, fused_lm_head=True, **kwargs)
             loss = loss_from_log_probs(output.log_probs, output.label_mask, output.entropy)
-            loss.aux_loss = output.aux_loss
-            return loss
+            return _with_rows_and_aux(loss, output.log_probs, output.label_mask, output.aux_loss)
 
         labels = labels[:, 1:]
         mask = labels != -100
         if path == "full_logits":
             output = original_forward(*args, **kwargs)
-            log_softmax = output.logits[:, :-1][mask.to(output.logits.device)].float().log_softmax(-1)
-            targets = labels[mask].to(log_softmax.device)
-            log_probs = log_softmax.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            entropies = -(log_softmax.exp() * log_softmax).sum(-1) if weighting == "entropy" else None
-            loss = loss_from_log_probs(log_probs, torch.ones_like(log_probs), entropies)
-            loss.aux_loss = getattr(output, "aux_loss", None)
-            return loss
+            mask = mask.to(output.logits.device)
+            # The fp32 log-softmax of the expert positions only, put back in place
+            log_softmax = output.logits[:, :-1][mask].float().log_softmax(-1)
+            token_log_probs = log_softmax.gather(-1, labels.to(mask.device)[mask].unsqueeze(-1)).squeeze(-1)
+            log_probs = log_softmax.new_zeros(mask.shape).masked_scatter(mask, token_log_probs)
+            entropies = None
+            if weighting == "entropy":
+                token_entropies = -(log_softmax.exp() * log_softmax).sum(-1)
+                entropies = log_softmax.new_zeros(mask.shape).masked_scatter(mask, token_entropies)
+            loss = loss_from_log_probs(log_probs, mask, entropies)
+            return _with_rows_and_aux(loss, log_probs, mask, getattr(output, "aux_loss", None))
 
         # The model's own forward, keeping one position's logits, gives the backbone's output (and any aux loss)
         seen = {}
@@ -505,8 +536,20 @@ def add_expert_loss_head(
                 focal_gamma,
                 compute_dtype,
                 gradient_in_forward=chord_head_gradient_in_forward,
+                token_scales=token_loss_scales(mask, aggregation, norm_length)[mask],
             )
-        loss.aux_loss = getattr(output, "aux_loss", None)
-        return loss
+        log_probs = torch.zeros(mask.shape, device=loss.token_log_probs.device).masked_scatter(
+            mask.to(loss.token_log_probs.device), loss.token_log_probs
+        )
+        return _with_rows_and_aux(loss, log_probs, mask, getattr(output, "aux_loss", None))
 
     model.forward = types.MethodType(forward, model)
+
+
+def _with_rows_and_aux(loss: ExpertLossOutput, log_probs, mask, aux_loss) -> ExpertLossOutput:
+    """Add each sequence's NLL sum and token count (for per-source metrics) and the router aux loss."""
+    mask = mask.to(log_probs.device)
+    loss.row_nll_sums = -(log_probs.detach() * mask).sum(-1)
+    loss.row_num_tokens = mask.sum(-1).to(log_probs.dtype)
+    loss.aux_loss = aux_loss
+    return loss

@@ -8,6 +8,8 @@ from transformers.utils import ModelOutput
 
 
 TOKEN_WEIGHTINGS = ("uniform", "phi", "is", "entropy", "focal")
+# Trinity-RFT's and verl's names for how per-token losses become one number
+SFT_LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
 def phi_token_weights(per_token_logps: torch.Tensor) -> torch.Tensor:
@@ -93,6 +95,37 @@ def token_weights(
     return weights * token_weight_scale(weighting, weights, mask)
 
 
+def token_loss_scales(mask: torch.Tensor, aggregation: str, norm_length: int | None = None) -> torch.Tensor:
+    """
+    The factor `c` of each token in the aggregated loss `sum(c * w * -logp)` of one expert micro-batch of `B`
+    sequences, 0 off the mask:
+
+    - `"token-mean"`: `1 / (number of tokens)`: every token counts the same, a long solution counts more;
+    - `"seq-mean-token-mean"`: `1 / (B * tokens of its sequence)`: every sequence counts the same;
+    - `"seq-mean-token-sum"`: `1 / B`: the loss grows with a sequence's length;
+    - `"seq-mean-token-sum-norm"`: `1 / (B * norm_length)`: the token sum over a constant length (Dr. GRPO's
+      normalisation; verl divides by the padded length of the batch instead, and does not divide by `B`).
+
+    Args:
+        mask (`torch.Tensor` of shape `(B, seq_len)`): 1 for the expert tokens.
+        aggregation (`str`): one of [`SFT_LOSS_AGGREGATIONS`].
+        norm_length (`int`, *optional*): the constant length of `"seq-mean-token-sum-norm"`.
+    """
+    mask = mask.to(torch.float32)
+    num_sequences = max(mask.shape[0], 1)
+    if aggregation == "token-mean":
+        return mask / mask.sum().clamp(min=1.0)
+    if aggregation == "seq-mean-token-mean":
+        return mask / (num_sequences * mask.sum(-1, keepdim=True).clamp(min=1.0))
+    if aggregation == "seq-mean-token-sum":
+        return mask / num_sequences
+    if aggregation == "seq-mean-token-sum-norm":
+        if norm_length is None:
+            raise ValueError("The seq-mean-token-sum-norm aggregation needs a constant `norm_length`.")
+        return mask / (num_sequences * norm_length)
+    raise ValueError(f"Unknown SFT loss aggregation {aggregation!r}; expected one of {SFT_LOSS_AGGREGATIONS}.")
+
+
 @dataclass
 class ExpertLossOutput(ModelOutput):
     """
@@ -100,20 +133,28 @@ class ExpertLossOutput(ModelOutput):
     `aux_loss`).
 
     A `ModelOutput`, so that a model's forward can return it through DDP and DeepSpeed wrappers. `aux_loss` is the
-    router load-balancing loss of a Mixture-of-Experts model on the expert micro-batch, when it was asked for.
+    router load-balancing loss of a Mixture-of-Experts model on the expert micro-batch, when it was asked for;
+    `token_log_probs` the log-probability of each expert token, in order; `row_nll_sums` and `row_num_tokens` the NLL
+    sum and token count of each sequence of the micro-batch.
     """
 
     loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
+    token_log_probs: torch.Tensor | None = None
+    row_nll_sums: torch.Tensor | None = None
+    row_num_tokens: torch.Tensor | None = None
     nll_sum: torch.Tensor | None = None
     prob_sum: torch.Tensor | None = None
     weight_sum: torch.Tensor | None = None
     num_tokens: torch.Tensor | None = None
 
 
-def expert_sft_loss(per_token_logps: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor) -> ExpertLossOutput:
+def expert_sft_loss(
+    per_token_logps: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor, scales: torch.Tensor | None = None
+) -> ExpertLossOutput:
     """
-    Masked token-mean of `-logp * weights` over the expert completion tokens.
+    The aggregated `-logp * weights` over the expert completion tokens: their masked token mean, or any aggregation
+    of [`token_loss_scales`] given as `scales`.
 
     Args:
         per_token_logps (`torch.Tensor` of shape `(batch, seq_len)`):
@@ -122,20 +163,23 @@ def expert_sft_loss(per_token_logps: torch.Tensor, mask: torch.Tensor, weights: 
             1 for expert completion tokens, 0 for prompt and padding tokens.
         weights (`torch.Tensor` of shape `(batch, seq_len)`):
             Per-token weights, from [`token_weights`]; detached here, so they never carry a gradient.
+        scales (`torch.Tensor` of shape `(batch, seq_len)`, *optional*):
+            Per-token factors of the aggregation, from [`token_loss_scales`]; the token mean when not given.
 
     Returns:
-        [`ExpertLossOutput`]: the loss (a token mean, divided by at least one token so that an empty batch gives 0)
-        and the detached sums of NLL, probability and weight over the masked tokens, and their count.
+        [`ExpertLossOutput`]: the loss (an empty batch gives 0) and the detached sums of NLL, probability and weight
+        over the masked tokens, and their count.
     """
     mask = mask.to(per_token_logps.dtype)
+    if scales is None:
+        scales = token_loss_scales(mask, "token-mean")
     weights = weights.detach()
     per_token_nll = -per_token_logps
-    num_tokens = mask.sum()
-    loss = (per_token_nll * weights * mask).sum() / num_tokens.clamp(min=1.0)
+    loss = (per_token_nll * weights * scales.to(per_token_nll.dtype) * mask).sum()
     return ExpertLossOutput(
         loss=loss,
         nll_sum=(per_token_nll.detach() * mask).sum(),
         prob_sum=(per_token_logps.detach().exp() * mask).sum(),
         weight_sum=(weights * mask).sum(),
-        num_tokens=num_tokens.detach(),
+        num_tokens=mask.sum().detach(),
     )
