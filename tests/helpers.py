@@ -2,7 +2,7 @@
 
 import torch
 from datasets import Dataset
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trl_chord import ChordConfig, ChordTrainer
 
@@ -67,3 +67,65 @@ def make_trainer(model_dir, args, expert_dataset=None, reward_funcs=None, **kwar
 
 def weights(trainer) -> dict[str, torch.Tensor]:
     return {name: param.detach().clone() for name, param in trainer.model.named_parameters()}
+
+
+def make_expert_dataset_of_lengths(lengths: list[int]) -> Dataset:
+    """Examples whose completions are `length` characters long, so that the aggregations weigh them differently."""
+    return Dataset.from_dict(
+        {
+            "prompt": [[{"role": "user", "content": f"repeat {i}"}] for i in range(len(lengths))],
+            "completion": [[{"role": "assistant", "content": str(i) * n}] for i, n in enumerate(lengths)],
+        }
+    )
+
+
+def oracle_weights(weighting: str, logits: torch.Tensor, logps: torch.Tensor) -> torch.Tensor:
+    """Detached token weights computed from the full distribution, independently of trl_chord.losses."""
+    probs = logps.exp().detach()
+    if weighting == "entropy":  # raw entropies here; normalised by the mean over all tokens by the caller
+        distribution = torch.softmax(logits.detach(), -1)
+        return -(distribution * distribution.log()).sum(-1)
+    return {"uniform": torch.ones_like(probs), "phi": probs * (1 - probs), "is": probs, "focal": (1 - probs) ** 2}[
+        weighting
+    ]
+
+
+def aggregate(terms: list[torch.Tensor], aggregation: str, norm_length: int | None = None) -> torch.Tensor:
+    """One micro-batch's SFT loss from each example's per-token terms, written out per mode."""
+    if aggregation == "token-mean":
+        return torch.cat(terms).sum() / sum(len(t) for t in terms)
+    if aggregation == "seq-mean-token-mean":
+        return sum(t.mean() for t in terms) / len(terms)
+    if aggregation == "seq-mean-token-sum":
+        return sum(t.sum() for t in terms) / len(terms)
+    assert aggregation == "seq-mean-token-sum-norm"
+    return sum(t.sum() / norm_length for t in terms) / len(terms)
+
+
+def expert_nll_gradient(
+    model_dir, expert_dataset, weighting: str, aggregation: str = "token-mean", norm_length: int | None = None
+) -> dict[str, torch.Tensor]:
+    """The weighted NLL of the expert completions, aggregated over the examples as one micro-batch, with the model's
+    plain forward at temperature 1, and its gradient."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    nlls, all_weights = [], []
+    for example in expert_dataset:
+        prompt_ids = tokenizer.apply_chat_template(
+            example["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+        full_ids = tokenizer.apply_chat_template(
+            example["prompt"] + example["completion"], tokenize=True, return_dict=True
+        )["input_ids"]
+        assert full_ids[: len(prompt_ids)] == prompt_ids
+        logits = model(torch.tensor([full_ids])).logits[0, :-1].float()[len(prompt_ids) - 1 :]
+        targets = torch.tensor(full_ids[len(prompt_ids) :])
+        logps = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+        nlls.append(-logps)
+        all_weights.append(oracle_weights(weighting, logits, logps))
+    if weighting == "entropy":  # normalised by the mean over the micro-batch's tokens
+        mean = torch.cat(all_weights).mean()
+        all_weights = [weights / mean for weights in all_weights]
+    terms = [nll * weights for nll, weights in zip(nlls, all_weights)]
+    aggregate(terms, aggregation, norm_length).backward()
+    return {name: param.grad.clone() for name, param in model.named_parameters()}

@@ -215,3 +215,73 @@ def test_zero3_chord_micro_step_holds_no_head_gradient_through_the_grpo_pass(tmp
     assert peaks["chord"] - peaks["grpo"] < 0.5 * head_gradient
     # The bound docs/performance.md states: at most the GRPO micro-step plus the expert term's own step
     assert peaks["chord"] <= peaks["grpo"] + peaks["sft"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+)
+def test_each_sft_loss_aggregation_on_two_processes_averages_the_micro_batch_aggregates(
+    tiny_model_dir, tmp_path, aggregation
+):
+    # mu = 1 (no GRPO term), plain SGD, 2 processes x 2 accumulation steps x 2 expert examples of very different
+    # lengths: each process aggregates its own micro-batch, and the update is -lr times the mean over the 4
+    # micro-batches of their aggregates' gradients (DDP averages over processes, accumulation over micro-steps)
+    from helpers import PLAIN_SGD, expert_nll_gradient, make_expert_dataset_of_lengths
+
+    lengths = [1, 9, 3, 14, 2, 11, 6, 4]
+    ranks = launch(
+        "torchrun",
+        tiny_model_dir,
+        tmp_path,
+        "--sgd",
+        "--max-steps",
+        "1",
+        "--mu-peak",
+        "1.0",
+        "--aggregation",
+        aggregation,
+        "--expert-lengths",
+        *map(str, lengths),
+    )
+    assert all(rank["grpo_skipped"] == [1.0] and rank["generations"] == [] for rank in ranks)
+    expert = make_expert_dataset_of_lengths(lengths)
+    micro_batches = ranks[0]["drawn"] + ranks[1]["drawn"]
+    assert len(micro_batches) == 4 and sorted(sum(micro_batches, [])) == list(range(8))
+    oracle = [
+        expert_nll_gradient(tiny_model_dir, expert.select(indices), "phi", aggregation, norm_length=64)
+        for indices in micro_batches
+    ]
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    final = torch.load(tmp_path / "weights.pt")
+    for name in oracle[0]:  # the parameters (the tied LM head is the embedding)
+        expected = -PLAIN_SGD["learning_rate"] * sum(grads[name] for grads in oracle) / len(oracle)
+        torch.testing.assert_close(final[name] - initial[name], expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [None, 3], ids=["ddp", "zero3"])
+def test_mu_one_steps_skip_generation_on_every_process_alike(tiny_model_dir, tmp_path, zero_stage):
+    # mu = 1 at step 1, then decaying: both processes skip the same step's rollouts and GRPO forward, and none waits
+    extra = [] if zero_stage is None else ["--zero-stage", str(zero_stage)]
+    ranks = launch(
+        "torchrun",
+        tiny_model_dir,
+        tmp_path,
+        "--max-steps",
+        "3",
+        "--mu-peak",
+        "1.0",
+        "--mu-valley",
+        "0.2",
+        "--mu-decay-steps",
+        "2",
+        *extra,
+    )
+    for rank in ranks:
+        assert rank["mu"] == pytest.approx([1.0, 0.6, 0.2])
+        assert rank["grpo_skipped"] == [1.0, 0.0, 0.0]
+        assert rank["generations"] == [2, 4]  # one generation per later step (2 micro-steps each)
+        assert len(rank["drawn"]) == 6  # the expert term runs on every micro-step
+    if zero_stage is None:  # (ZeRO-3 gathers the full weights on rank 0 only)
+        assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"] is not None

@@ -9,7 +9,9 @@ from helpers import (
     COMMON_ARGS,
     PLAIN_SGD,
     chord_config,
+    expert_nll_gradient,
     make_expert_dataset,
+    make_expert_dataset_of_lengths,
     make_rl_prompts,
     make_trainer,
     odd_char_reward,
@@ -62,58 +64,6 @@ def test_expert_dataset_with_mu_always_zero_warns(tiny_model_dir, tmp_path, capl
 
 
 # 2. mu = 1: one SGD step is exactly -lr * grad of the expert NLL, computed independently
-def oracle_weights(weighting: str, logits: torch.Tensor, logps: torch.Tensor) -> torch.Tensor:
-    """Detached token weights computed from the full distribution, independently of trl_chord.losses."""
-    probs = logps.exp().detach()
-    if weighting == "entropy":  # raw entropies here; normalised by the mean over all tokens by the caller
-        distribution = torch.softmax(logits.detach(), -1)
-        return -(distribution * distribution.log()).sum(-1)
-    return {"uniform": torch.ones_like(probs), "phi": probs * (1 - probs), "is": probs, "focal": (1 - probs) ** 2}[
-        weighting
-    ]
-
-
-def aggregate(terms: list[torch.Tensor], aggregation: str, norm_length: int | None = None) -> torch.Tensor:
-    """One micro-batch's SFT loss from each example's per-token terms, written out per mode."""
-    if aggregation == "token-mean":
-        return torch.cat(terms).sum() / sum(len(t) for t in terms)
-    if aggregation == "seq-mean-token-mean":
-        return sum(t.mean() for t in terms) / len(terms)
-    if aggregation == "seq-mean-token-sum":
-        return sum(t.sum() for t in terms) / len(terms)
-    assert aggregation == "seq-mean-token-sum-norm"
-    return sum(t.sum() / norm_length for t in terms) / len(terms)
-
-
-def expert_nll_gradient(
-    model_dir, expert_dataset, weighting: str, aggregation: str = "token-mean", norm_length: int | None = None
-) -> dict[str, torch.Tensor]:
-    """The weighted NLL of the expert completions, aggregated over the examples as one micro-batch, with the model's
-    plain forward at temperature 1, and its gradient."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    nlls, all_weights = [], []
-    for example in expert_dataset:
-        prompt_ids = tokenizer.apply_chat_template(
-            example["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True
-        )["input_ids"]
-        full_ids = tokenizer.apply_chat_template(
-            example["prompt"] + example["completion"], tokenize=True, return_dict=True
-        )["input_ids"]
-        assert full_ids[: len(prompt_ids)] == prompt_ids
-        logits = model(torch.tensor([full_ids])).logits[0, :-1].float()[len(prompt_ids) - 1 :]
-        targets = torch.tensor(full_ids[len(prompt_ids) :])
-        logps = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
-        nlls.append(-logps)
-        all_weights.append(oracle_weights(weighting, logits, logps))
-    if weighting == "entropy":  # normalised by the mean over the micro-batch's tokens
-        mean = torch.cat(all_weights).mean()
-        all_weights = [weights / mean for weights in all_weights]
-    terms = [nll * weights for nll, weights in zip(nlls, all_weights)]
-    aggregate(terms, aggregation, norm_length).backward()
-    return {name: param.grad.clone() for name, param in model.named_parameters()}
-
-
 @pytest.mark.parametrize("weighting", ["uniform", "phi", "is", "focal", "entropy"])
 def test_mu_one_sgd_step_follows_the_expert_gradient(tiny_model_dir, tmp_path, weighting):
     expert = make_expert_dataset(5)
@@ -264,16 +214,6 @@ def test_gradient_accumulation_scales_the_sft_term(tiny_model_dir, tmp_path):
     for name in after:
         expected = -PLAIN_SGD["learning_rate"] * (oracle[0][name] + oracle[1][name]) / 2
         torch.testing.assert_close(after[name] - before[name], expected, rtol=1e-4, atol=1e-7, msg=name)
-
-
-def make_expert_dataset_of_lengths(lengths: list[int]) -> Dataset:
-    """Examples whose completions are `length` characters long, so that the aggregations weigh them differently."""
-    return Dataset.from_dict(
-        {
-            "prompt": [[{"role": "user", "content": f"repeat {i}"}] for i in range(len(lengths))],
-            "completion": [[{"role": "assistant", "content": str(i) * n}] for i, n in enumerate(lengths)],
-        }
-    )
 
 
 @pytest.mark.parametrize("weighting", ["uniform", "phi", "is", "focal", "entropy"])
@@ -486,3 +426,51 @@ def test_conversational_expert_data_needs_a_chat_template(tiny_model_dir, tmp_pa
             expert_dataset=make_expert_dataset(),
             processing_class=tokenizer,
         )
+
+
+# 7. Steps with mu = 1 generate no rollouts and run no GRPO forward
+def test_mu_one_steps_skip_generation_and_the_grpo_forward(tiny_model_dir, tmp_path, monkeypatch):
+    grpo_forwards = []
+    grpo_compute_loss = GRPOTrainer.compute_loss
+    monkeypatch.setattr(
+        GRPOTrainer,
+        "compute_loss",
+        lambda self, *a, **k: grpo_forwards.append(self._step) or grpo_compute_loss(self, *a, **k),
+    )
+    # mu = 1 on steps 1 and 2 (warm-up to 1 ends at step 1, decay from 1 starts there), below 1 after
+    schedule = dict(chord_mu_peak=1.0, chord_mu_valley=0.5, chord_mu_warmup_steps=1, chord_mu_decay_steps=3)
+    expected_mu = [chord_mu(step, 1.0, 0.5, 1, 3) for step in range(5)]
+    assert expected_mu[:3] == [0.0, 1.0, pytest.approx(0.875)]
+    args = chord_config(
+        tmp_path, max_steps=5, gradient_accumulation_steps=2, per_device_train_batch_size=2, **schedule
+    )
+    trainer = make_trainer(tiny_model_dir, args, make_expert_dataset())
+    generations = []
+    generate = trainer._generate_and_score_completions
+    trainer._generate_and_score_completions = lambda inputs: generations.append(trainer._step) or generate(inputs)
+    trainer.train()
+
+    # Step 2 (micro-steps 2 and 3) has mu = 1: nothing generated, no GRPO forward; every other step one generation
+    # (steps_per_generation = gradient accumulation) and one GRPO forward per micro-step
+    assert logged(trainer, "chord/mu") == pytest.approx(expected_mu)
+    assert logged(trainer, "chord/grpo_skipped") == [0.0, 1.0, 0.0, 0.0, 0.0]
+    assert generations == [0, 4, 6, 8]
+    assert grpo_forwards == [0, 1, 4, 5, 6, 7, 8, 9]
+    step_logs = [entry for entry in trainer.state.log_history if "chord/mu" in entry]
+    assert "reward" not in step_logs[1] and "chord/grpo_loss" not in step_logs[1]
+    assert "chord/sft_loss" in step_logs[1] and "reward" in step_logs[2]
+
+
+def test_a_skipped_grpo_term_gives_the_update_computing_it_would(tiny_model_dir, tmp_path):
+    # The same mu = 1 step with the GRPO term skipped and with it computed (and weighted 0): the same weights
+    args = chord_config(tmp_path, chord_mu_peak=1.0, chord_mu_valley=1.0, max_steps=2, **PLAIN_SGD)
+    updated = {}
+    for skip in (True, False):
+        trainer = make_trainer(tiny_model_dir, args, make_expert_dataset())
+        if not skip:
+            trainer.grpo_term_skipped = lambda: False
+        trainer.train()
+        assert logged(trainer, "chord/grpo_skipped") == ([1.0, 1.0] if skip else [0.0, 0.0])
+        updated[skip] = weights(trainer)
+    for name, value in updated[True].items():
+        torch.testing.assert_close(value, updated[False][name], rtol=0, atol=1e-6, msg=name)

@@ -106,6 +106,10 @@ class ChordTrainer(GRPOTrainer):
         )
         self.add_callback(self.mu_callback)
         self._warned_zero_advantages = False
+        self._logged_grpo_skip = False
+        self.skips_grpo_at_mu_one = (
+            args.chord_mu_schedule == "cosine" and max(args.chord_mu_peak, args.chord_mu_valley) >= 1
+        )
         self.expert_dataset = None
         self.expert_sampler = None
         if expert_dataset is not None:
@@ -167,15 +171,37 @@ class ChordTrainer(GRPOTrainer):
             expert.loss = expert.loss + self.router_aux_loss_coef * expert.aux_loss
         return expert
 
+    def grpo_term_skipped(self) -> bool:
+        """
+        Whether this training step leaves out the GRPO term: `mu == 1` under the cosine schedule gives it weight 0, so
+        no rollouts are generated or scored and no GRPO forward runs. `mu` depends only on the step, so every process
+        decides alike. (The adaptive schedule needs every step's rollouts to set `mu`, so it never skips.)
+        """
+        return self.model.training and self.mu_callback.adaptive_tau is None and self.chord_mu >= 1.0
+
+    def _prepare_inputs(self, generation_batch):
+        if self.grpo_term_skipped():
+            # The buffered rollouts are dropped: the next step that trains on rollouts generates them afresh
+            self._buffered_inputs = None
+            if not self._logged_grpo_skip:
+                logger.info(
+                    f"mu = 1 at optimizer step {self.state.global_step + 1}: the GRPO term weighs 0, so its rollouts "
+                    "are not generated and its forward does not run (`chord/grpo_skipped` = 1) on such steps."
+                )
+                self._logged_grpo_skip = True
+            return {}
+        return super()._prepare_inputs(generation_batch)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
         mu = self.chord_mu
+        skip_grpo = self.grpo_term_skipped()
         # GRPOTrainer's loss is already divided by the accumulation steps; the logged terms are per micro-step
         accumulation_steps = self.current_gradient_accumulation_steps
         # mu depends only on the step, so every process makes the same choice here: no collective is left waiting
-        if mu > 0 and self.backward_expert_term_first:
+        if mu > 0 and self.backward_expert_term_first and not skip_grpo:
             # Under DDP the gradients are all-reduced once, by the GRPO backward, over both terms' sum
             with self.accelerator.no_sync(model):
                 expert = self._expert_loss(model)
@@ -187,26 +213,42 @@ class ChordTrainer(GRPOTrainer):
             expert = self._expert_loss(model)
             expert_term = mu * expert.loss / accumulation_steps
 
-        grpo_loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        advantages = inputs["advantages"]
-        stats = [grpo_loss.detach() * accumulation_steps, (advantages != 0).sum(), torch.tensor(advantages.numel())]
+        stats = []
+        if skip_grpo:
+            loss = expert_term
+        else:
+            grpo_loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            advantages = inputs["advantages"]
+            stats += [
+                grpo_loss.detach() * accumulation_steps,
+                (advantages != 0).sum(),
+                torch.tensor(advantages.numel()),
+            ]
+            loss = (1.0 - mu) * grpo_loss + expert_term if mu > 0 else grpo_loss
         if mu > 0:
-            loss = (1.0 - mu) * grpo_loss + expert_term
             stats += [expert.loss.detach(), expert.nll_sum, expert.prob_sum, expert.weight_sum, expert.num_tokens]
             if self.aux_loss_enabled:
                 stats.append(expert.aux_loss.detach())
-        else:
-            loss = grpo_loss
 
         device = self.accelerator.device
         totals = self.accelerator.reduce(torch.stack([s.float().to(device) for s in stats]), reduction="sum").tolist()
-        num_processes = self.accelerator.num_processes
-        grpo_loss_value, nonzero_advantages, num_rollouts = totals[:3]
-        # Reduced over processes, so every process sees a bad value and stops at the same point, before any update
-        self._raise_if_not_finite("GRPO", grpo_loss_value)
         metrics = self._metrics["train"]
         metrics["chord/mu"].append(mu)
-        metrics["chord/grpo_loss"].append(grpo_loss_value / num_processes)
+        if self.skips_grpo_at_mu_one:
+            metrics["chord/grpo_skipped"].append(float(skip_grpo))
+        if not skip_grpo:
+            self._log_grpo_term(*totals[:3])
+            totals = totals[3:]
+        if mu > 0:
+            self._log_expert_term(*totals)
+        return loss
+
+    def _log_grpo_term(self, grpo_loss: float, nonzero_advantages: float, num_rollouts: float) -> None:
+        """The GRPO term's metrics, from sums over processes."""
+        # Reduced over processes, so every process sees a bad value and stops at the same point, before any update
+        self._raise_if_not_finite("GRPO", grpo_loss)
+        metrics = self._metrics["train"]
+        metrics["chord/grpo_loss"].append(grpo_loss / self.accelerator.num_processes)
         metrics["chord/nonzero_advantage_frac"].append(nonzero_advantages / num_rollouts)
         if nonzero_advantages == 0 and not self._warned_zero_advantages:
             # The "loss is always 0" report: with identical rewards in every group, GRPO has nothing to learn from
@@ -216,19 +258,21 @@ class ChordTrainer(GRPOTrainer):
                 "the SFT term still trains whenever mu > 0. Shown once per run."
             )
             self._warned_zero_advantages = True
-        if mu > 0:
-            sft_loss, nll_sum, prob_sum, weight_sum, num_tokens = totals[3:8]
-            if self.aux_loss_enabled:
-                metrics["chord/expert_aux_loss"].append(totals[8] / num_processes)
-            self._raise_if_not_finite("SFT", sft_loss)
-            metrics["chord/sft_loss"].append(sft_loss / num_processes)
-            metrics["chord/expert_nll"].append(nll_sum / max(num_tokens, 1.0))
-            metrics["chord/expert_token_prob"].append(prob_sum / max(num_tokens, 1.0))
-            metrics["chord/expert_tokens"].append(num_tokens)
-            if self.args.chord_token_weighting != "uniform":
-                name = "phi" if self.args.chord_token_weighting == "phi" else "token_weight"
-                metrics[f"chord/{name}_mean"].append(weight_sum / max(num_tokens, 1.0))
-        return loss
+
+    def _log_expert_term(self, sft_loss, nll_sum, prob_sum, weight_sum, num_tokens, aux_loss=None) -> None:
+        """The expert term's metrics, from sums over processes."""
+        self._raise_if_not_finite("SFT", sft_loss)
+        metrics = self._metrics["train"]
+        num_processes = self.accelerator.num_processes
+        metrics["chord/sft_loss"].append(sft_loss / num_processes)
+        metrics["chord/expert_nll"].append(nll_sum / max(num_tokens, 1.0))
+        metrics["chord/expert_token_prob"].append(prob_sum / max(num_tokens, 1.0))
+        metrics["chord/expert_tokens"].append(num_tokens)
+        if aux_loss is not None:
+            metrics["chord/expert_aux_loss"].append(aux_loss / num_processes)
+        if self.args.chord_token_weighting != "uniform":
+            name = "phi" if self.args.chord_token_weighting == "phi" else "token_weight"
+            metrics[f"chord/{name}_mean"].append(weight_sum / max(num_tokens, 1.0))
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)

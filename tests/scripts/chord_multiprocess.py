@@ -22,7 +22,11 @@ def main():
     parser.add_argument("--zero-stage", type=int, default=None)
     parser.add_argument("--num-expert-examples", type=int, default=13)
     parser.add_argument("--max-steps", type=int, default=3)
+    parser.add_argument("--mu-peak", type=float, default=0.5)
+    parser.add_argument("--mu-valley", type=float, default=None, help="defaults to 0 with decay steps, else the peak")
     parser.add_argument("--mu-decay-steps", type=int, default=0)
+    parser.add_argument("--aggregation", default="token-mean")
+    parser.add_argument("--expert-lengths", type=int, nargs="*", help="completion lengths (characters) of the experts")
     parser.add_argument("--sgd", action="store_true", help="plain SGD, so that runs can be compared weight by weight")
     parser.add_argument("--joint-backward", action="store_true", help="one backward through both terms")
     args = parser.parse_args()
@@ -30,7 +34,13 @@ def main():
     import sys
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from helpers import PLAIN_SGD, make_expert_dataset, make_rl_prompts, odd_char_reward
+    from helpers import (
+        PLAIN_SGD,
+        make_expert_dataset,
+        make_expert_dataset_of_lengths,
+        make_rl_prompts,
+        odd_char_reward,
+    )
 
     deepspeed = None
     if args.zero_stage is not None:
@@ -54,9 +64,13 @@ def main():
         report_to="none",
         bf16=False,
         save_strategy="no",
-        chord_mu_peak=0.5,
-        chord_mu_valley=0.0 if args.mu_decay_steps else 0.5,
+        chord_mu_peak=args.mu_peak,
+        chord_mu_valley=args.mu_valley
+        if args.mu_valley is not None
+        else (0.0 if args.mu_decay_steps else args.mu_peak),
         chord_mu_decay_steps=args.mu_decay_steps,
+        chord_sft_loss_agg_mode=args.aggregation,
+        chord_sft_max_length=64,
         chord_sft_per_device_train_batch_size=2,
         deepspeed=deepspeed,
         # Without a GPU, accelerate only sets up the gloo process group when asked for the CPU explicitly
@@ -68,14 +82,20 @@ def main():
         reward_funcs=odd_char_reward,
         args=config,
         train_dataset=make_rl_prompts(),
-        expert_dataset=make_expert_dataset(args.num_expert_examples),
+        expert_dataset=(
+            make_expert_dataset_of_lengths(args.expert_lengths)
+            if args.expert_lengths
+            else make_expert_dataset(args.num_expert_examples)
+        ),
         processing_class=AutoTokenizer.from_pretrained(args.model),
     )
     if args.joint_backward:
         trainer.backward_expert_term_first = False
-    drawn = []
+    drawn, generations = [], []
     next_batch = trainer.expert_sampler.next_batch
     trainer.expert_sampler.next_batch = lambda: drawn.append(next_batch()) or drawn[-1]
+    generate = trainer._generate_and_score_completions
+    trainer._generate_and_score_completions = lambda inputs: generations.append(trainer._step) or generate(inputs)
     trainer.train()
 
     state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
@@ -96,6 +116,10 @@ def main():
         "shard_size": trainer.expert_sampler.shard_size,
         "mu": [entry["chord/mu"] for entry in trainer.state.log_history if "chord/mu" in entry],
         "sft_loss": [entry.get("chord/sft_loss") for entry in trainer.state.log_history if "chord/mu" in entry],
+        "grpo_skipped": [
+            entry.get("chord/grpo_skipped") for entry in trainer.state.log_history if "chord/mu" in entry
+        ],
+        "generations": generations,
         "weights_sha256": digest,
         "backward_expert_term_first": trainer.backward_expert_term_first,
     }
