@@ -6,8 +6,10 @@ import torch
 from datasets import Dataset
 
 from trl_chord.expert_data import (
+    ExpertMixtureSampler,
     ExpertSampler,
     collate_expert_batch,
+    next_source,
     prepare_expert_dataset,
     tokenize_expert_example,
 )
@@ -134,3 +136,59 @@ def test_collate_right_pads():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["completion_mask"].tolist() == [[0, 1, 1], [1, 0, 0]]
+
+
+# Several expert sources
+@pytest.mark.parametrize("proportions", [[0.5, 0.3, 0.2], [0.9, 0.1], [1 / 3, 1 / 3, 1 / 3], [0.7, 0.2, 0.05, 0.05]])
+def test_next_source_keeps_every_prefix_of_the_stream_within_one_example_of_the_proportions(proportions):
+    drawn = [0] * len(proportions)
+    for k in range(1, 2001):
+        drawn[next_source(proportions, drawn)] += 1
+        for share, count in zip(proportions, drawn):
+            assert abs(count - share * k) < 1, (k, drawn)
+
+
+def mixture_streams(sizes, proportions, world, batch_size, num_batches, seed=3):
+    samplers = [
+        ExpertMixtureSampler(sizes, proportions, batch_size, num_replicas=world, rank=rank, seed=seed)
+        for rank in range(world)
+    ]
+    return samplers, [[s.next_batch() for _ in range(num_batches)] for s in samplers]
+
+
+def test_mixture_covers_each_source_once_per_pass_with_disjoint_shards_and_stated_counts():
+    sizes, proportions = {"math": 10, "tools": 6}, {"math": 3.0, "tools": 1.0}
+    world, batch_size, num_batches = 2, 4, 40
+    samplers, streams = mixture_streams(sizes, proportions, world, batch_size, num_batches)
+    for source_index, name in enumerate(sizes):
+        offset = samplers[0].offsets[source_index]
+        per_rank = [
+            [i - offset for i in sum(stream, []) if samplers[0].source_of(i) == source_index] for stream in streams
+        ]
+        # Every process drew this source the same number of times: 3/4 of the 160 slots, or 1/4
+        assert len(per_rank[0]) == len(per_rank[1]) == 160 * proportions[name] / 4
+        # Pass e of the source: its shard_size draws on each process are disjoint, and together the whole source
+        shard_sizes = [s.samplers[name].shard_size for s in samplers]
+        num_passes = min(len(draws) // size for draws, size in zip(per_rank, shard_sizes))
+        assert num_passes >= 2
+        for epoch in range(num_passes):
+            parts = [draws[epoch * size : (epoch + 1) * size] for draws, size in zip(per_rank, shard_sizes)]
+            assert set(parts[0]).isdisjoint(parts[1])
+            assert sorted(parts[0] + parts[1]) == list(range(sizes[name]))
+
+
+def test_mixture_resumes_exactly_and_refuses_another_runs_state():
+    sizes, proportions = {"a": 5, "b": 7, "c": 3}, {"a": 0.5, "b": 0.25, "c": 0.25}
+    sampler = ExpertMixtureSampler(sizes, proportions, batch_size=3, seed=1)
+    for _ in range(7):
+        sampler.next_batch()
+    resumed = ExpertMixtureSampler(sizes, proportions, batch_size=3, seed=1)
+    resumed.load_state_dict(json.loads(json.dumps(sampler.state_dict())))
+    assert [resumed.next_batch() for _ in range(20)] == [sampler.next_batch() for _ in range(20)]
+    with pytest.raises(ValueError, match="expert sources"):
+        resumed.load_state_dict({"a": {"examples_drawn": 1}})
+
+
+def test_mixture_names_the_source_that_is_too_small_for_the_processes():
+    with pytest.raises(ValueError, match="Expert source 'tiny': The expert dataset has 1 usable examples, fewer"):
+        ExpertMixtureSampler({"big": 8, "tiny": 1}, {"big": 1, "tiny": 1}, batch_size=2, num_replicas=2, rank=0)

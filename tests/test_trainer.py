@@ -474,3 +474,110 @@ def test_a_skipped_grpo_term_gives_the_update_computing_it_would(tiny_model_dir,
         updated[skip] = weights(trainer)
     for name, value in updated[True].items():
         torch.testing.assert_close(value, updated[False][name], rtol=0, atol=1e-6, msg=name)
+
+
+# 8. Several expert sources
+def two_sources() -> dict[str, Dataset]:
+    return {"add": make_expert_dataset(6), "repeat": make_expert_dataset_of_lengths([3, 8, 5, 2])}
+
+
+def test_two_expert_sources_mix_in_proportion_with_per_source_metrics(tiny_model_dir, tmp_path):
+    # lr = 0, so the model is the same at every step and the logged per-source NLL can be checked directly
+    args = chord_config(
+        tmp_path,
+        chord_mu_valley=0.5,
+        chord_sft_per_device_train_batch_size=4,
+        chord_sft_dataset_proportions={"add": 3, "repeat": 1},
+        learning_rate=0.0,
+        max_steps=3,
+    )
+    sources = two_sources()
+    trainer = make_trainer(tiny_model_dir, args, sources)
+    drawn = []
+    next_batch = trainer.expert_sampler.next_batch
+    trainer.expert_sampler.next_batch = lambda: drawn.append(next_batch()) or drawn[-1]
+    trainer.train()
+
+    # 3 of every 4 examples from "add", in every micro-batch of 4 (the schedule is exact at multiples of 4)
+    source_counts = [[trainer.expert_sampler.source_of(index) for index in batch].count(0) for batch in drawn]
+    assert source_counts == [3, 3, 3]
+    logs = [entry for entry in trainer.state.log_history if "chord/mu" in entry]
+    for batch, entry in zip(drawn, logs):
+        for source, name in enumerate(sources):
+            local = [index - trainer.expert_sampler.offsets[source] for index in batch]
+            rows = sources[name].select(
+                [i for i, index in zip(local, batch) if trainer.expert_sampler.source_of(index) == source]
+            )
+            nll, tokens = own_nll_and_tokens(tiny_model_dir, rows)
+            assert entry[f"chord/expert_tokens/{name}"] == tokens
+            assert entry[f"chord/expert_nll/{name}"] == pytest.approx(nll / tokens, rel=1e-5)
+
+
+def own_nll_and_tokens(model_dir, rows) -> tuple[float, int]:
+    """The NLL sum and token count of expert completions, from the model's plain forward."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    nll, tokens = 0.0, 0
+    with torch.no_grad():
+        for example in rows:
+            prompt_ids = tokenizer.apply_chat_template(
+                example["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True
+            )["input_ids"]
+            full_ids = tokenizer.apply_chat_template(
+                example["prompt"] + example["completion"], tokenize=True, return_dict=True
+            )["input_ids"]
+            logits = model(torch.tensor([full_ids])).logits[0, len(prompt_ids) - 1 : -1]
+            targets = torch.tensor(full_ids[len(prompt_ids) :])
+            nll -= logits.log_softmax(-1).gather(-1, targets[:, None]).sum().item()
+            tokens += len(targets)
+    return nll, tokens
+
+
+def test_two_expert_sources_resume_exactly(tiny_model_dir, tmp_path):
+    options = dict(
+        chord_mu_valley=0.5,
+        chord_sft_per_device_train_batch_size=3,
+        chord_sft_dataset_proportions={"add": 1, "repeat": 1},
+        max_steps=4,
+        save_steps=2,
+        save_strategy="steps",
+    )
+
+    def run(output, resume=None):
+        trainer = make_trainer(tiny_model_dir, chord_config(tmp_path / output, **options), two_sources())
+        drawn = []
+        next_batch = trainer.expert_sampler.next_batch
+        trainer.expert_sampler.next_batch = lambda: drawn.append(next_batch()) or drawn[-1]
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, drawn
+
+    full, full_drawn = run("full")
+    checkpoint = tmp_path / "full" / "out" / "checkpoint-2"
+    state = json.loads((checkpoint / CHORD_STATE_NAME).read_text())
+    assert state == {"expert_sampler": {"add": {"examples_drawn": 3}, "repeat": {"examples_drawn": 3}}}
+    resumed, resumed_drawn = run("resumed", resume=str(checkpoint))
+    assert resumed_drawn == full_drawn[2:]
+    full_weights, resumed_weights = weights(full), weights(resumed)
+    for name, value in full_weights.items():
+        torch.testing.assert_close(resumed_weights[name], value, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize(
+    "expert, proportions, message",
+    [
+        ("sources", {"add": 1, "other": 1}, r"names the sources \['add', 'other'\], but `expert_dataset` has"),
+        ("one", {"add": 1}, "`expert_dataset` is not a dict of named datasets"),
+        ("sources", {"add": 0, "repeat": 1}, "the proportion of 'add' must be a number > 0"),
+        ("empty_source", None, "Expert source 'empty': `expert_dataset` is empty"),
+    ],
+)
+def test_bad_expert_sources(tiny_model_dir, tmp_path, expert, proportions, message):
+    datasets = {
+        "sources": two_sources(),
+        "one": make_expert_dataset(),
+        "empty_source": {"add": make_expert_dataset(), "empty": Dataset.from_dict({"prompt": [], "completion": []})},
+    }
+    with pytest.raises(ValueError, match=message):
+        make_trainer(
+            tiny_model_dir, chord_config(tmp_path, chord_sft_dataset_proportions=proportions), datasets[expert]
+        )

@@ -1,3 +1,4 @@
+import json
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
@@ -53,6 +54,10 @@ class ChordConfig(GRPOConfig):
             Exponent of the focal token weighting, `>= 0`.
         chord_sft_per_device_train_batch_size (`int`, *optional*, defaults to `1`):
             Number of expert examples in the SFT micro-batch drawn on each process at every GRPO micro-step.
+        chord_sft_dataset_proportions (`dict[str, float]` or `str`, *optional*):
+            With several expert sources (`expert_dataset={name: dataset, ...}`), the share of expert examples each
+            source gives, by name (normalised to sum to 1; a JSON string on the command line). Unset: in proportion
+            to the sources' numbers of usable examples, as if they were one dataset.
         chord_sft_loss_agg_mode (`str`, *optional*, defaults to `"token-mean"`):
             How the expert micro-batch's per-token losses become the SFT loss (Trinity-RFT's `sft_loss_agg_mode`):
             `"token-mean"` (every token counts the same, so a long solution counts more), `"seq-mean-token-mean"`
@@ -119,6 +124,13 @@ class ChordConfig(GRPOConfig):
             "help": "Number of expert examples in the SFT micro-batch drawn on each process at every GRPO micro-step."
         },
     )
+    chord_sft_dataset_proportions: dict[str, float] | str | None = field(
+        default=None,
+        metadata={
+            "help": "With several expert sources, the share of expert examples each gives, by name, e.g. "
+            '\'{"math": 0.7, "tools": 0.3}\'. Unset: in proportion to their sizes.'
+        },
+    )
     chord_sft_loss_agg_mode: str = field(
         default="token-mean",
         metadata={
@@ -158,6 +170,20 @@ class ChordConfig(GRPOConfig):
             raise ValueError(f"`chord_mu_schedule` must be 'cosine' or 'adaptive', got {self.chord_mu_schedule!r}.")
         if self.chord_adaptive_mu_tau < 0:
             raise ValueError(f"`chord_adaptive_mu_tau` must be >= 0, got {self.chord_adaptive_mu_tau}.")
+        if isinstance(self.chord_sft_dataset_proportions, str):
+            self.chord_sft_dataset_proportions = json.loads(self.chord_sft_dataset_proportions)
+        if self.chord_sft_dataset_proportions is not None:
+            proportions = self.chord_sft_dataset_proportions
+            if not isinstance(proportions, dict) or not proportions:
+                raise ValueError(
+                    f"`chord_sft_dataset_proportions` must map source names to proportions, got {proportions!r}."
+                )
+            for name, share in proportions.items():
+                if not isinstance(share, (int, float)) or not share > 0:
+                    raise ValueError(
+                        f"`chord_sft_dataset_proportions`: the proportion of {name!r} must be a number > 0, got "
+                        f"{share!r}."
+                    )
         if self.chord_sft_loss_agg_mode not in SFT_LOSS_AGGREGATIONS:
             raise ValueError(
                 f"`chord_sft_loss_agg_mode` must be one of {SFT_LOSS_AGGREGATIONS}, got "

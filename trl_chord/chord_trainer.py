@@ -5,6 +5,7 @@ import textwrap
 
 import torch
 from accelerate.utils import DistributedType, is_peft_model
+from datasets import concatenate_datasets
 from transformers.training_args import OptimizerNames
 from transformers.utils import logging
 from trl import GRPOTrainer
@@ -12,7 +13,7 @@ from trl import GRPOTrainer
 from .callbacks import ChordMuCallback
 from .checkpoints import CHORD_STATE_NAME, checkpoint_problem, complete_checkpoints
 from .chord_config import ChordConfig
-from .expert_data import ExpertSampler, collate_expert_batch, prepare_expert_dataset
+from .expert_data import ExpertMixtureSampler, ExpertSampler, collate_expert_batch, prepare_expert_dataset
 from .expert_head import add_expert_loss_head
 from .losses import ExpertLossOutput
 from .schedule import chord_mu_is_ever_positive
@@ -37,10 +38,12 @@ class ChordTrainer(GRPOTrainer):
     router load-balancing loss exactly when GRPOTrainer adds it to the GRPO term.
 
     Args:
-        expert_dataset ([`~datasets.Dataset`], *optional*):
+        expert_dataset ([`~datasets.Dataset`] or `dict[str, Dataset]`, *optional*):
             Expert demonstrations, in one of TRL's standard formats: `prompt`/`completion` (plain text or
             conversational) or conversational `messages` (every assistant turn is trained), with an optional `tools`
-            column for the chat template. Needed whenever `mu > 0` at some step.
+            column for the chat template. Needed whenever `mu > 0` at some step. A dict of named datasets mixes
+            several sources in `args.chord_sft_dataset_proportions` (by default in proportion to their sizes), with
+            per-source metrics `chord/expert_nll/<name>` and `chord/expert_tokens/<name>`.
     """
 
     _tag_names = ["trl", "grpo", "chord"]
@@ -112,7 +115,15 @@ class ChordTrainer(GRPOTrainer):
         )
         self.expert_dataset = None
         self.expert_sampler = None
-        if expert_dataset is not None:
+        self.expert_source_names = None
+        if args.chord_sft_dataset_proportions is not None and not isinstance(expert_dataset, dict):
+            raise ValueError(
+                "`chord_sft_dataset_proportions` is set, but `expert_dataset` is not a dict of named datasets: give "
+                "`expert_dataset={name: dataset, ...}` with the names the proportions use."
+            )
+        if isinstance(expert_dataset, dict):
+            self._prepare_expert_sources(expert_dataset, args)
+        elif expert_dataset is not None:
             with self.accelerator.main_process_first():
                 self.expert_dataset = prepare_expert_dataset(
                     expert_dataset, self._tokenizer, max_length=args.chord_sft_max_length
@@ -124,6 +135,7 @@ class ChordTrainer(GRPOTrainer):
                 rank=self.accelerator.process_index,
                 seed=args.seed,
             )
+        if self.expert_dataset is not None:
             add_expert_loss_head(
                 self.model.get_base_model() if is_peft_model(self.model) else self.model,
                 weighting=args.chord_token_weighting,
@@ -146,13 +158,50 @@ class ChordTrainer(GRPOTrainer):
         """Weight of the SFT term for the current optimizer step."""
         return self.mu_callback.mu
 
+    def _prepare_expert_sources(self, sources: dict, args: ChordConfig) -> None:
+        """Tokenize several named expert datasets into one, and mix them with an [`ExpertMixtureSampler`]."""
+        if not sources:
+            raise ValueError("`expert_dataset` is an empty dict: give at least one named dataset.")
+        prepared = {}
+        with self.accelerator.main_process_first():
+            for name, dataset in sources.items():
+                try:
+                    prepared[name] = prepare_expert_dataset(
+                        dataset, self._tokenizer, max_length=args.chord_sft_max_length, source=name
+                    )
+                except (TypeError, ValueError) as error:
+                    raise type(error)(f"Expert source {name!r}: {error}") from error
+        proportions = args.chord_sft_dataset_proportions or {name: len(data) for name, data in prepared.items()}
+        if set(proportions) != set(prepared):
+            raise ValueError(
+                f"`chord_sft_dataset_proportions` names the sources {sorted(proportions)}, but `expert_dataset` has "
+                f"{sorted(prepared)}: give a proportion for each source, and only for those."
+            )
+        self.expert_source_names = list(prepared)
+        self.expert_dataset = concatenate_datasets(list(prepared.values()))
+        self.expert_sampler = ExpertMixtureSampler(
+            {name: len(data) for name, data in prepared.items()},
+            proportions,
+            batch_size=args.chord_sft_per_device_train_batch_size,
+            num_replicas=self.accelerator.num_processes,
+            rank=self.accelerator.process_index,
+            seed=args.seed,
+        )
+
     def _next_expert_batch(self) -> dict[str, torch.Tensor]:
-        examples = [self.expert_dataset[index] for index in self.expert_sampler.next_batch()]
-        batch = collate_expert_batch(examples, pad_token_id=self._tokenizer.pad_token_id)
+        indices = self.expert_sampler.next_batch()
+        batch = collate_expert_batch(
+            [self.expert_dataset[index] for index in indices], pad_token_id=self._tokenizer.pad_token_id
+        )
+        if self.expert_source_names is not None:
+            batch["source"] = torch.tensor([self.expert_sampler.source_of(index) for index in indices])
         return {name: tensor.to(self.accelerator.device) for name, tensor in batch.items()}
 
-    def _expert_loss(self, model) -> ExpertLossOutput:
-        """The expert SFT loss of one micro-batch, plus the router load-balancing loss as GRPOTrainer adds its own."""
+    def _expert_loss(self, model) -> tuple[ExpertLossOutput, torch.Tensor | None]:
+        """
+        The expert SFT loss of one micro-batch, plus the router load-balancing loss as GRPOTrainer adds its own; and,
+        with several sources, each source's NLL sum and token count (a `(2, num_sources)` tensor).
+        """
         batch = self._next_expert_batch()
         # MoE models: request the router logits exactly when GRPOTrainer does for the GRPO term
         moe_kwargs = {"output_router_logits": True} if self.aux_loss_enabled else {}
@@ -169,7 +218,12 @@ class ChordTrainer(GRPOTrainer):
             )
         if self.aux_loss_enabled:
             expert.loss = expert.loss + self.router_aux_loss_coef * expert.aux_loss
-        return expert
+        per_source = None
+        if self.expert_source_names is not None:
+            rows = torch.stack([expert.row_nll_sums, expert.row_num_tokens]).float()
+            per_source = rows.new_zeros(2, len(self.expert_source_names))
+            per_source.index_add_(1, batch["source"].to(rows.device), rows)
+        return expert, per_source
 
     def grpo_term_skipped(self) -> bool:
         """
@@ -204,13 +258,13 @@ class ChordTrainer(GRPOTrainer):
         if mu > 0 and self.backward_expert_term_first and not skip_grpo:
             # Under DDP the gradients are all-reduced once, by the GRPO backward, over both terms' sum
             with self.accelerator.no_sync(model):
-                expert = self._expert_loss(model)
+                expert, per_source = self._expert_loss(model)
                 expert_term = mu * expert.loss / accumulation_steps
                 # `training_step` hands the returned loss to this same call, so both terms are scaled alike
                 self.accelerator.backward(expert_term)
             expert_term = expert_term.detach()
         elif mu > 0:
-            expert = self._expert_loss(model)
+            expert, per_source = self._expert_loss(model)
             expert_term = mu * expert.loss / accumulation_steps
 
         stats = []
@@ -229,6 +283,8 @@ class ChordTrainer(GRPOTrainer):
             stats += [expert.loss.detach(), expert.nll_sum, expert.prob_sum, expert.weight_sum, expert.num_tokens]
             if self.aux_loss_enabled:
                 stats.append(expert.aux_loss.detach())
+            if per_source is not None:
+                stats += list(per_source.flatten())
 
         device = self.accelerator.device
         totals = self.accelerator.reduce(torch.stack([s.float().to(device) for s in stats]), reduction="sum").tolist()
@@ -240,7 +296,10 @@ class ChordTrainer(GRPOTrainer):
             self._log_grpo_term(*totals[:3])
             totals = totals[3:]
         if mu > 0:
-            self._log_expert_term(*totals)
+            num_sources = 0 if self.expert_source_names is None else len(self.expert_source_names)
+            self._log_expert_term(*totals[: len(totals) - 2 * num_sources])
+            if num_sources:
+                self._log_expert_sources(totals[-2 * num_sources :])
         return loss
 
     def _log_grpo_term(self, grpo_loss: float, nonzero_advantages: float, num_rollouts: float) -> None:
@@ -258,6 +317,16 @@ class ChordTrainer(GRPOTrainer):
                 "the SFT term still trains whenever mu > 0. Shown once per run."
             )
             self._warned_zero_advantages = True
+
+    def _log_expert_sources(self, totals: list[float]) -> None:
+        """Each source's NLL and token count this micro-step, from sums over processes (`totals`: NLL sums, then
+        token counts); a source with no token in it is left out of its NLL's average."""
+        metrics = self._metrics["train"]
+        num_sources = len(self.expert_source_names)
+        for name, nll_sum, num_tokens in zip(self.expert_source_names, totals[:num_sources], totals[num_sources:]):
+            metrics[f"chord/expert_tokens/{name}"].append(num_tokens)
+            if num_tokens > 0:
+                metrics[f"chord/expert_nll/{name}"].append(nll_sum / num_tokens)
 
     def _log_expert_term(self, sft_loss, nll_sum, prob_sum, weight_sum, num_tokens, aux_loss=None) -> None:
         """The expert term's metrics, from sums over processes."""

@@ -137,9 +137,12 @@ def tokenize_expert_example(
     return {"input_ids": input_ids, "completion_mask": completion_mask, "skip_reason": skip_reason}
 
 
-def prepare_expert_dataset(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Dataset:
+def prepare_expert_dataset(
+    dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, source: str | None = None
+) -> Dataset:
     """
-    Validate and tokenize an expert dataset; returns the examples that carry tokens to train on.
+    Validate and tokenize an expert dataset (`source`: its name, when it is one of several); returns the examples that
+    carry tokens to train on.
 
     Raises a `ValueError` for an empty dataset, missing columns, conversational data with a tokenizer that has no chat
     template, or a dataset none of whose examples is left after skipping. Skipped examples (empty completion, or a
@@ -168,7 +171,7 @@ def prepare_expert_dataset(dataset: Dataset, tokenizer: PreTrainedTokenizerBase,
     skipped = Counter(reason for reason in tokenized["skip_reason"] if reason)
     if skipped:
         logger.warning(
-            f"Skipped {sum(skipped.values())} of {len(dataset)} expert examples: "
+            f"Skipped {sum(skipped.values())} of {len(dataset)} expert examples{f' of {source!r}' if source else ''}: "
             + ", ".join(f"{count} with {reason}" for reason, count in sorted(skipped.items()))
             + f" (max length {max_length} tokens, `chord_sft_max_length`)."
         )
@@ -216,20 +219,94 @@ class ExpertSampler:
             self._shard_cache = (epoch, permutation[self.rank :: self.num_replicas].tolist())
         return self._shard_cache[1]
 
-    def next_batch(self) -> list[int]:
+    def take(self, count: int) -> list[int]:
+        """The next `count` indices of this process's stream."""
         indices: list[int] = []
-        while len(indices) < self.batch_size:
+        while len(indices) < count:
             epoch, offset = divmod(self.examples_drawn, self.shard_size)
-            taken = self.shard(epoch)[offset : offset + self.batch_size - len(indices)]
+            taken = self.shard(epoch)[offset : offset + count - len(indices)]
             indices.extend(taken)
             self.examples_drawn += len(taken)
         return indices
+
+    def next_batch(self) -> list[int]:
+        return self.take(self.batch_size)
 
     def state_dict(self) -> dict[str, int]:
         return {"examples_drawn": self.examples_drawn}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.examples_drawn = int(state["examples_drawn"])
+
+
+def next_source(proportions: list[float], drawn_per_source: list[int]) -> int:
+    """
+    The source of the next expert example: the one furthest behind its share, `argmax_i p_i * (k + 1) - drawn_i`
+    after `k` draws (the first on ties). After any `k` draws, source `i` has given `floor` or `ceil` of `p_i * k`,
+    give or take one, whatever `k`: the proportions hold in every window that starts at 0, with no randomness.
+    """
+    total = sum(drawn_per_source) + 1
+    deficits = [share * total - drawn for share, drawn in zip(proportions, drawn_per_source)]
+    return max(range(len(deficits)), key=lambda index: (deficits[index], -index))
+
+
+class ExpertMixtureSampler:
+    """
+    Several expert sources, each with its own [`ExpertSampler`] stream, mixed in fixed proportions.
+
+    The sources' examples are numbered one after another (source `i` from `offsets[i]`). Each example slot goes to the
+    source [`next_source`] picks, which depends only on the counts so far: every process picks the same sources in the
+    same order, and each takes the example from its own shard of that source. So, per source, processes see disjoint
+    examples within a pass and every example once per pass, as with one source. The state is each source's count.
+    """
+
+    def __init__(
+        self,
+        source_sizes: dict[str, int],
+        proportions: dict[str, float],
+        batch_size: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+    ):
+        self.names = list(source_sizes)
+        total = sum(proportions[name] for name in self.names)
+        self.proportions = [proportions[name] / total for name in self.names]
+        self.batch_size = batch_size
+        self.offsets = [0]
+        for name in self.names[:-1]:
+            self.offsets.append(self.offsets[-1] + source_sizes[name])
+        self.samplers = {}
+        for index, name in enumerate(self.names):
+            try:
+                # A seed per source, so that sources of equal size are not shuffled alike
+                self.samplers[name] = ExpertSampler(
+                    source_sizes[name], 1, num_replicas, rank, seed=seed + 1_000_003 * index
+                )
+            except ValueError as error:
+                raise ValueError(f"Expert source {name!r}: {error}") from error
+
+    def next_batch(self) -> list[int]:
+        indices = []
+        for _ in range(self.batch_size):
+            source = next_source(self.proportions, [self.samplers[name].examples_drawn for name in self.names])
+            indices.append(self.offsets[source] + self.samplers[self.names[source]].take(1)[0])
+        return indices
+
+    def source_of(self, index: int) -> int:
+        """The position in `names` of the source a (numbered) example comes from."""
+        return max(source for source, offset in enumerate(self.offsets) if offset <= index)
+
+    def state_dict(self) -> dict[str, dict[str, int]]:
+        return {name: sampler.state_dict() for name, sampler in self.samplers.items()}
+
+    def load_state_dict(self, state: dict[str, dict[str, int]]) -> None:
+        if set(state) != set(self.names):
+            raise ValueError(
+                f"The checkpoint's expert sources {sorted(state)} are not this run's {sorted(self.names)}."
+            )
+        for name, sampler_state in state.items():
+            self.samplers[name].load_state_dict(sampler_state)
 
 
 def collate_expert_batch(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
