@@ -1,8 +1,5 @@
 """The expert term's LM head against full logits differentiated by autograd, and against TRL's fused head."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -122,8 +119,7 @@ def test_plain_head_matches_trls_fused_head_on_the_same_model(tiny_model_dir, we
 
 def test_the_head_never_holds_the_full_logits():
     # Peak live bytes of the head's forward and backward, measured by the benchmark's own profiler-based meter
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from chord_overhead import PeakMemory, Variant
+    from trl_chord.demo.memory import PeakMemory, Variant
 
     num_tokens, hidden_size, vocab_size = 512, 32, 4096
     hidden, weight, bias, targets = (
