@@ -7,6 +7,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+TESTED_PACKAGES = ("torch", "trl", "transformers", "accelerate", "datasets", "peft", "deepspeed", "math-verify")
+
+
+def pytest_report_header(config):
+    """The versions under test, at the top of the run (CI runs the newest and the oldest supported ones)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return ", ".join(f"{name} {installed(name)}" for name in TESTED_PACKAGES)
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
