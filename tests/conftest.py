@@ -1,4 +1,5 @@
 import os
+from unittest import mock
 
 import pytest
 
@@ -21,6 +22,14 @@ def pytest_report_header(config):
             return "not installed"
 
     return ", ".join(f"{name} {installed(name)}" for name in TESTED_PACKAGES)
+
+
+@pytest.fixture(autouse=True)
+def restore_environment():
+    """transformers 4 exports parsed training arguments (`bf16` as ACCELERATE_MIXED_PRECISION) to the environment,
+    where every later Accelerator would read them: each test gets the environment back as it found it."""
+    with mock.patch.dict(os.environ):
+        yield
 
 
 @pytest.fixture(scope="session")
