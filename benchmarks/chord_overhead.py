@@ -25,8 +25,6 @@ It writes `chord_overhead.json` and `chord_overhead.md` to the output directory 
 """
 
 import argparse
-import contextlib
-import gc
 import json
 import math
 import os
@@ -50,8 +48,9 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import add_fused_lm_head
 
 from trl_chord import ChordConfig, ChordTrainer
+from trl_chord.demo.memory import PeakMemory, Variant, prepare
+from trl_chord.demo.tiny import build_tiny_model, build_tiny_tokenizer
 from trl_chord.expert_data import collate_expert_batch, prepare_expert_dataset
-from trl_chord.tiny import build_tiny_model, build_tiny_tokenizer
 
 
 E_BAR = 1.05
@@ -311,20 +310,6 @@ def unfused_head_step(model, batch) -> None:
 # Measuring
 
 
-@dataclass
-class Variant:
-    name: str
-    model: torch.nn.Module | None  # whose gradients are zeroed before each step
-    step: Callable[[], object]
-
-
-def prepare(variant: Variant) -> None:
-    # Gradients stay allocated and are zeroed in place, so a step's memory is its activations and temporaries only
-    if variant.model is not None:
-        variant.model.zero_grad(set_to_none=False)
-    gc.collect()
-
-
 class StepClock:
     """
     Times one step of a variant.
@@ -349,55 +334,6 @@ class StepClock:
         variant.step()
         self._sync()
         return time.perf_counter() - wall if self.kind == "wall" else time.process_time() - cpu
-
-
-@contextlib.contextmanager
-def stderr_silenced():
-    """Kineto, under the PyTorch profiler, logs every start and stop to stderr at a level no setting turns off."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(os.devnull, "w") as devnull:
-        os.dup2(devnull.fileno(), 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-class PeakMemory:
-    """
-    The peak of the bytes allocated during one step above what was allocated before it.
-
-    On CUDA: the caching allocator's `max_memory_allocated`. On CPU: the same quantity from the PyTorch profiler's
-    allocation and free events, summed in order. Both count live tensors, not what an allocator holds on to, so the
-    figure does not depend on what ran before (the resident set of a CPU process does: freed heap memory stays).
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def measure(self, variant: Variant) -> int:
-        prepare(variant)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            before = torch.cuda.memory_allocated(self.device)
-            variant.step()
-            torch.cuda.synchronize(self.device)
-            return torch.cuda.max_memory_allocated(self.device) - before
-        with (
-            stderr_silenced(),
-            torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profiler,
-        ):
-            variant.step()
-        # The profiler only sizes allocations made while it runs, so frees of older tensors carry no bytes
-        events = [event for event in profiler.profiler.kineto_results.events() if event.name() == "[memory]"]
-        live = peak = 0
-        for event in sorted(events, key=lambda event: event.start_ns()):
-            live += event.nbytes()
-            peak = max(peak, live)
-        return peak
 
 
 def balanced_orders(num_variants: int) -> list[list[int]]:

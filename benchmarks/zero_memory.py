@@ -36,14 +36,15 @@ from chord_overhead import build_tokenizer, expert_dataset, seeded_random_reward
 from datasets import Dataset
 
 from trl_chord import ChordConfig, ChordTrainer
-from trl_chord.tiny import build_tiny_model
+from trl_chord.demo.memory import memory_profiler, peak_live_bytes
+from trl_chord.demo.tiny import build_tiny_model
 
 
 MIB = 2**20
 
 
 class MicroStepMemory:
-    """Records the peak live tensor bytes of each training micro-step, from after its inputs are prepared to its end."""
+    """The peak live tensor bytes of each training micro-step, from after its inputs are prepared to its end."""
 
     def __init__(self, trainer: ChordTrainer):
         self.peaks: list[int] = []
@@ -52,19 +53,13 @@ class MicroStepMemory:
 
         def prepare_then_start(inputs):
             prepared = prepare_inputs(inputs)
-            self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
-            self._profiler.__enter__()
+            self._profiler = memory_profiler().__enter__()
             return prepared
 
         def step_then_stop(*args, **kwargs):
             result = training_step(*args, **kwargs)
             self._profiler.__exit__(None, None, None)
-            events = [e for e in self._profiler.profiler.kineto_results.events() if e.name() == "[memory]"]
-            live = peak = 0
-            for event in sorted(events, key=lambda event: event.start_ns()):
-                live += event.nbytes()
-                peak = max(peak, live)
-            self.peaks.append(peak)
+            self.peaks.append(peak_live_bytes(self._profiler))
             return result
 
         trainer._prepare_inputs = prepare_then_start

@@ -1,4 +1,5 @@
 import os
+from unittest import mock
 
 import pytest
 
@@ -7,11 +8,34 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+TESTED_PACKAGES = ("torch", "trl", "transformers", "accelerate", "datasets", "peft", "deepspeed", "math-verify")
+
+
+def pytest_report_header(config):
+    """The versions under test, at the top of the run (CI runs the newest and the oldest supported ones)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return ", ".join(f"{name} {installed(name)}" for name in TESTED_PACKAGES)
+
+
+@pytest.fixture(autouse=True)
+def restore_environment():
+    """transformers 4 exports parsed training arguments (`bf16` as ACCELERATE_MIXED_PRECISION) to the environment,
+    where every later Accelerator would read them: each test gets the environment back as it found it."""
+    with mock.patch.dict(os.environ):
+        yield
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny Qwen2-shaped model and its char-level tokenizer, saved like a hub checkpoint (nothing downloaded)."""
-    from trl_chord.tiny import save_tiny_model
+    from trl_chord.demo.tiny import save_tiny_model
 
     return save_tiny_model(str(tmp_path_factory.mktemp("tiny-model")))
 

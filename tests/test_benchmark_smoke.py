@@ -12,6 +12,8 @@ import pytest
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "chord_overhead.py"
 SIDE_BY_SIDE_VARIANTS = ("grpo", "chord", "chord0", "sft")
+# A subprocess of about half a minute: CI runs it, `-m "not slow"` leaves it out
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -128,7 +128,7 @@ def test_ddp_and_deepspeed_updates_match_one_joint_backward(tiny_model_dir, tmp_
 @pytest.fixture(scope="module")
 def untied_tiny_model_dir(tmp_path_factory):
     """The tiny model with its own LM head (FSDP2 shards tied weights only through accelerate's plugin)."""
-    from trl_chord.tiny import build_tiny_model, build_tiny_tokenizer
+    from trl_chord.demo.tiny import build_tiny_model, build_tiny_tokenizer
 
     path = str(tmp_path_factory.mktemp("untied-tiny"))
     tokenizer = build_tiny_tokenizer()

@@ -2,8 +2,6 @@
 gradient modes, fp16, the memory it holds between forward and backward, and which head the probe picks."""
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -138,8 +136,7 @@ def test_chunked_head_matches_the_other_heads_on_the_same_model(tiny_model_dir, 
 
 def test_the_head_never_holds_the_full_logits():
     # Peak live bytes of the head's forward and backward, measured by the benchmark's own profiler-based meter
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from chord_overhead import PeakMemory, Variant
+    from trl_chord.demo.memory import PeakMemory, Variant
 
     num_tokens, hidden_size, vocab_size = 512, 32, 4096
     hidden, weight, bias, targets = (
@@ -169,10 +166,11 @@ def test_the_head_never_holds_the_full_logits():
 
 def _bytes_held_after(step):
     """`step()`, and the bytes it allocated that are still alive when it returns (profiler allocation events)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profiler:
+    from trl_chord.demo.memory import allocation_bytes, memory_profiler
+
+    with memory_profiler() as profiler:
         result = step()
-    held = sum(event.nbytes() for event in profiler.profiler.kineto_results.events() if event.name() == "[memory]")
-    return result, held
+    return result, sum(allocation_bytes(profiler))
 
 
 @pytest.mark.parametrize("gradient_in_forward", [True, False], ids=["gradient-in-forward", "recompute"])

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "paper" / "paper_table.py"
 METHODS = {
@@ -25,6 +27,7 @@ METHODS = {
 FINAL_METRICS = ("accuracy", "carry_accuracy", "worked_style", "mean_length", "mean_entropy")
 
 
+@pytest.mark.slow  # a subprocess of about half a minute: CI runs it, `-m "not slow"` leaves it out
 def test_quick_paper_table(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     completed = subprocess.run(

@@ -1,4 +1,4 @@
-"""The recipe script end to end, as users run it, on the built-in task (a few steps)."""
+"""The recipe end to end, as users run it (the `trl-chord` command and `recipes/chord.py`), on the built-in task."""
 
 import json
 import os
@@ -9,18 +9,22 @@ import pytest
 import yaml
 
 from trl_chord import ChordConfig
+from trl_chord.cli import main as cli_main
+from trl_chord.recipes import config_path, shipped_configs
+from trl_chord.recipes.chord import ChordScriptArguments, parse_args
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "recipes", "chord.py")
+# The console script that `pip install` put next to this interpreter
+TRL_CHORD = os.path.join(os.path.dirname(sys.executable), "trl-chord")
 
 
 def test_builtin_demo_runs_and_reports(tmp_path):
     command = [
-        sys.executable,
-        RECIPE,
+        TRL_CHORD,
         "--config",
-        os.path.join(ROOT, "recipes", "configs", "demo.yaml"),
+        "demo",
         "--output_dir",
         str(tmp_path),
         "--max_steps",
@@ -46,24 +50,40 @@ def test_builtin_demo_runs_and_reports(tmp_path):
     assert (tmp_path / "model.safetensors").exists()
 
 
-def test_shipped_configs_parse():
-    sys.path.insert(0, os.path.join(ROOT, "recipes"))
-    from chord import ChordScriptArguments, make_parser
-
-    configs = os.path.join(ROOT, "recipes", "configs")
-    for name in sorted(os.listdir(configs)):
-        parser = make_parser()
+def test_shipped_configs_parse_by_name():
+    training_configs = {name: path for name, path in shipped_configs().items() if not name.startswith("accelerate/")}
+    assert set(training_configs) == {
+        "demo",
+        "math_chord_mu",
+        "math_chord_phi",
+        "math_chord_phi_lora",
+        "tool_chord_phi",
+    }
+    for name, path in training_configs.items():
         # GPU configs set bf16, which the arguments refuse on a machine without a GPU unless told to use the CPU
-        script_args, training_args, model_args = parser.parse_args_and_config(
-            ["--config", os.path.join(configs, name), "--use_cpu", "true"]
-        )
+        script_args, training_args, model_args = parse_args(["--config", name, "--use_cpu", "true"])
         assert isinstance(script_args, ChordScriptArguments) and isinstance(training_args, ChordConfig), name
-        with open(os.path.join(configs, name)) as file:
+        with open(path) as file:
             for key, value in yaml.safe_load(file).items():
                 owners = [a for a in (script_args, training_args, model_args) if hasattr(a, key)]
                 assert owners, (name, key)  # every key is an option of the recipe
                 if isinstance(value, (int, float, bool)):
                     assert getattr(owners[0], key) == value, (name, key)
+
+
+def test_config_names_and_paths(tmp_path, capsys):
+    own = tmp_path / "demo"  # a file of the user's wins over a shipped config of the same name
+    own.write_text("max_steps: 1\n")
+    assert config_path(str(own)) == str(own)
+    assert config_path("demo") == config_path("demo.yaml") == shipped_configs()["demo"]
+    assert os.path.isfile(config_path("accelerate/zero3"))
+    with pytest.raises(FileNotFoundError, match="neither a file nor a shipped config; shipped configs: demo, "):
+        config_path("no_such_config")
+    cli_main(["configs"])
+    listed = dict(line.split() for line in capsys.readouterr().out.splitlines())
+    assert listed == shipped_configs() and all(os.path.isfile(path) for path in listed.values())
+    cli_main(["configs", "accelerate/zero2"])
+    assert capsys.readouterr().out.strip() == shipped_configs()["accelerate/zero2"]
 
 
 ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
@@ -74,7 +94,7 @@ LAUNCHES = {
         ACCELERATE,
         "launch",
         "--config_file",
-        "recipes/accelerate/zero2.yaml",
+        "trl_chord/recipes/accelerate/zero2.yaml",
         "--num_processes",
         "2",
         "--mixed_precision",
@@ -84,7 +104,7 @@ LAUNCHES = {
         ACCELERATE,
         "launch",
         "--config_file",
-        "recipes/accelerate/zero3.yaml",
+        "trl_chord/recipes/accelerate/zero3.yaml",
         "--num_processes",
         "2",
         "--mixed_precision",
@@ -103,7 +123,7 @@ def test_recipe_trains_under_each_launch(tmp_path, launch):
     command = LAUNCHES[launch] + [
         RECIPE,
         "--config",
-        "recipes/configs/demo.yaml",
+        "demo",
         "--output_dir",
         str(tmp_path),
         "--max_steps",

@@ -147,11 +147,6 @@ SKIPPED_ROWS = [
         {"prompt": [{"role": "user", "content": "a"}], "completion": []},
         "1 with empty completion",
     ),
-    (
-        "prompt longer than the max length",
-        {"prompt": "x" * 300, "completion": "2"},
-        "1 with completion truncated away",
-    ),
 ]
 
 
@@ -219,9 +214,9 @@ def test_nan_in_the_sft_term_stops_before_the_update(tiny_model_dir, tmp_path, m
     from trl_chord import ChordTrainer
 
     def poisoned_expert_loss(self, model):
-        output = expert_loss(self, model)
+        output, per_source = expert_loss(self, model)
         output.loss = output.loss * float("nan")
-        return output
+        return output, per_source
 
     expert_loss = ChordTrainer._expert_loss
     trainer = _trainer(tiny_model_dir, tmp_path, odd_char_reward)
@@ -304,27 +299,78 @@ def test_200_steps_cycling_the_expert_set_do_not_grow_memory(tiny_model_dir, tmp
     assert growth < RSS_GROWTH_BOUND, f"RSS grew by {growth / 2**20:.1f} MiB from step 50 to step 200"
 
 
-def test_nothing_loads_remote_code_or_unpickles_user_data():
-    import re
+# Modules that unpickle data or run files, and calls that run code or load it by name
+UNPICKLING_MODULES = {"pickle", "dill", "marshal", "shelve", "cloudpickle", "joblib", "runpy"}
+CODE_RUNNING_CALLS = {"eval", "exec", "compile", "__import__", "torch.load"}
+CODE_IMPORTING_METHODS = {"import_module", "exec_module", "spec_from_file_location", "__import__"}
+# The one deliberate use: `--reward_funcs my_module.my_reward` imports the user's own module, as TRL's scripts do
+ALLOWED_CODE_LOADING = {("trl_chord/recipes/chord.py", "importlib.import_module")}
 
-    root = os.path.dirname(HERE)
-    sources = [
-        os.path.join(d, f)
-        for base in ("trl_chord", "recipes")
-        for d, _, files in os.walk(os.path.join(root, base))
-        for f in files
-        if f.endswith(".py")
-    ]
-    forbidden = re.compile(
-        r"trust_remote_code\s*=\s*True|import pickle|pickle\.loads?\(|torch\.load\(|(?<![.\w])(eval|exec)\("
+
+def code_loading_sites(path: str, relative_path: str) -> set[tuple[str, str]]:
+    """
+    (file, what) for each import of an unpickling module, each call that runs code or imports a module by name, and
+    each `trust_remote_code=` that is not False or the user's own setting.
+    """
+    import ast
+
+    with open(path) as file:
+        tree = ast.parse(file.read())
+    sites = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            modules = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            sites |= {(relative_path, m) for m in modules if m.split(".")[0] in UNPICKLING_MODULES}
+        elif isinstance(node, ast.Call):
+            name = ast.unparse(node.func)
+            if name.removeprefix("builtins.") in CODE_RUNNING_CALLS or name.split(".")[-1] in CODE_IMPORTING_METHODS:
+                sites.add((relative_path, name))
+            for keyword in node.keywords:
+                value = keyword.value
+                users_own = isinstance(value, ast.Attribute) and value.attr == "trust_remote_code"
+                if keyword.arg == "trust_remote_code" and not users_own and ast.unparse(value) != "False":
+                    sites.add((relative_path, f"trust_remote_code={ast.unparse(value)}"))
+    return sites
+
+
+def test_code_loading_sites_finds_every_form(tmp_path):
+    source = tmp_path / "probe.py"
+    source.write_text(
+        "import pickle\nfrom importlib import import_module\nimport importlib.util\nfrom runpy import run_path\n"
+        "torch.load(path)\nimport_module(name)\nimportlib.import_module(name)\nspec.loader.exec_module(module)\n"
+        "eval(text)\nbuiltins.exec(text)\nload(path, trust_remote_code=True)\n"
+        # Not code loading: the user's own setting, a regex, a module's eval mode, a look-up that imports nothing
+        "load(path, trust_remote_code=args.trust_remote_code)\nre.compile(text)\nmodel.eval()\n"
+        "importlib.util.find_spec(name)\n"
     )
-    offenders = [(path, line) for path in sources for line in open(path) if forbidden.search(line)]
-    assert offenders == []
+    assert {what for _, what in code_loading_sites(str(source), "probe.py")} == {
+        "pickle",
+        "runpy",
+        "torch.load",
+        "import_module",
+        "importlib.import_module",
+        "spec.loader.exec_module",
+        "eval",
+        "builtins.exec",
+        "trust_remote_code=True",
+    }
+
+
+def test_nothing_loads_remote_code_or_unpickles_user_data():
+    root = os.path.dirname(HERE)
+    sites = set()
+    for base in ("trl_chord", "recipes", "benchmarks"):
+        for folder, _, files in os.walk(os.path.join(root, base)):
+            for name in files:
+                if name.endswith(".py"):
+                    path = os.path.join(folder, name)
+                    sites |= code_loading_sites(path, os.path.relpath(path, root))
+    assert sites == ALLOWED_CODE_LOADING
     assert ChordConfig(output_dir="unused", report_to="none", bf16=False).trust_remote_code is False
 
 
 def test_recipe_refuses_local_files_it_cannot_read_safely(tmp_path):
-    from trl_chord.data_files import load_dataset_file_or_hub
+    from trl_chord.recipes.data_files import load_dataset_file_or_hub
 
     pickled = tmp_path / "data.pkl"
     pickled.write_bytes(b"not loaded")

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from trl_chord import rewards
 from trl_chord.rewards import (
     ANSWER_TOO_LONG,
     MAX_ANSWER_CHARS,
@@ -15,6 +14,7 @@ from trl_chord.rewards import (
     completion_text,
     json_values_equal,
     last_boxed_answer,
+    math_accuracy,
     math_accuracy_reward,
     parse_tool_calls,
     tool_call_reward,
@@ -174,8 +174,8 @@ def test_math_reward_works_outside_the_main_thread():
 
 
 def test_math_reward_survives_a_dead_worker(warm_math_verifier):
-    rewards._math_verify_worker._process.kill()
-    rewards._math_verify_worker._process.wait()
+    math_accuracy._math_verify_worker._process.kill()
+    math_accuracy._math_verify_worker._process.wait()
     assert math_accuracy_reward([r"\boxed{5}", r"\boxed{6}"], solution=["5", "5"]) == [1.0, 0.0]
 
 

@@ -93,15 +93,6 @@ def test_mu_one_sgd_step_follows_the_expert_gradient(tiny_model_dir, tmp_path, w
     ]  # answer + <|im_end|>\n
 
 
-def test_phi_changes_the_update(tiny_model_dir):
-    expert = make_expert_dataset(5)
-    plain, phi = (
-        expert_nll_gradient(tiny_model_dir, expert, "uniform"),
-        expert_nll_gradient(tiny_model_dir, expert, "phi"),
-    )
-    assert not torch.allclose(plain["model.norm.weight"], phi["model.norm.weight"])
-
-
 # 3. The logged mu follows the schedule step by step
 def test_logged_mu_follows_the_schedule(tiny_model_dir, tmp_path):
     schedule = dict(chord_mu_peak=0.8, chord_mu_valley=0.2, chord_mu_warmup_steps=2, chord_mu_decay_steps=3)
@@ -149,8 +140,9 @@ def test_metrics_are_logged(tiny_model_dir, tmp_path):
     ):
         assert key in entry, key
     assert 0 < entry["chord/expert_token_prob"] < 1 and 0 < entry["chord/phi_mean"] <= 0.25
-    # loss = (1 - mu) * grpo + mu * sft, with no gradient accumulation
-    assert entry["loss"] == pytest.approx(0.7 * entry["chord/grpo_loss"] + 0.3 * entry["chord/sft_loss"], rel=1e-5)
+    # loss = (1 - mu) * grpo + mu * sft, with no gradient accumulation (transformers 4 logs `loss` to 4 decimals)
+    mixed = 0.7 * entry["chord/grpo_loss"] + 0.3 * entry["chord/sft_loss"]
+    assert entry["loss"] == pytest.approx(mixed, rel=1e-5, abs=5e-5)
 
 
 def test_expert_loss_falls_with_mu_one(tiny_model_dir, tmp_path):

@@ -25,13 +25,24 @@ from dataclasses import asdict, dataclass, field
 import datasets
 import torch
 import transformers
-from evaluation import HeldOutEvaluationCallback, evaluate, heldout_columns
-from task import MAX_COMPLETION_TOKENS, addition_reward, task_datasets
+from datasets import Dataset
 from transformers import PrinterCallback
 from trl import SFTConfig, SFTTrainer
 
 from trl_chord import ChordConfig, ChordTrainer
-from trl_chord.tiny import build_tiny_model, build_tiny_tokenizer
+from trl_chord.demo.addition import (
+    MAX_COMPLETION_TOKENS,
+    addition_reward,
+    carry_split,
+    completion_dataset,
+    has_carry,
+    operand_pairs,
+    prompt_dataset,
+    short_answer,
+    worked_answer,
+)
+from trl_chord.demo.heldout import HeldOutEvaluationCallback, evaluate
+from trl_chord.demo.tiny import build_tiny_model, build_tiny_tokenizer
 
 
 MODEL_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
@@ -45,6 +56,21 @@ COMMON_ARGS = dict(
     disable_tqdm=True,
     lr_scheduler_type="constant",
 )
+
+
+def task_datasets(num_heldout: int = 100, seed: int = 0) -> dict[str, Dataset]:
+    """
+    The addition task with a two-digit `a`: `instruct` (no-carry sums in the short style, to pre-train the starting
+    model), `expert` (every training sum in the worked style, so supervised learning on it is off-policy for the
+    starting model), `rl` prompts and `heldout` prompts (half of them need a carry).
+    """
+    train, heldout = carry_split(operand_pairs(2), num_heldout, seed)
+    return {
+        "instruct": completion_dataset([pair for pair in train if not has_carry(*pair)], short_answer),
+        "expert": completion_dataset(train, worked_answer),
+        "rl": prompt_dataset(train),
+        "heldout": prompt_dataset(heldout),
+    }
 
 
 @dataclass
@@ -223,8 +249,7 @@ def prepare_seed(seed: int, scale: Scale, work_dir: str) -> dict:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path)
-    heldout = task_datasets()["heldout"]
-    evaluation = evaluate(model, tokenizer, *heldout_columns(heldout), MAX_COMPLETION_TOKENS)
+    evaluation = evaluate(model, tokenizer, task_datasets()["heldout"], MAX_COMPLETION_TOKENS)
     return {"seed": seed, "path": path, "evaluation": asdict(evaluation), "seconds": time.time() - started}
 
 

@@ -36,7 +36,7 @@ from collections import Counter
 from datasets import Dataset
 from tqdm import tqdm
 
-from trl_chord.data_files import format_counts, load_dataset_file_or_hub, write_jsonl
+from trl_chord.recipes.data_files import format_counts, load_dataset_file_or_hub, write_jsonl
 
 
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."

@@ -46,7 +46,7 @@ from collections import Counter
 from datasets import Dataset
 from tqdm import tqdm
 
-from trl_chord.data_files import format_counts, load_dataset_file_or_hub, write_jsonl
+from trl_chord.recipes.data_files import format_counts, load_dataset_file_or_hub, write_jsonl
 
 
 ROLES = {"user", "assistant", "tool"}

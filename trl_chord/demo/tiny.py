@@ -42,6 +42,8 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
         pad_token="<|endoftext|>",
         chat_template=CHATML_TEMPLATE,
         padding_side="left",
+        # Qwen2's inputs; transformers 4 would also return `token_type_ids`, which `generate` refuses
+        model_input_names=["input_ids", "attention_mask"],
     )
 
 

@@ -1,0 +1,200 @@
+"""The CHORD recipe: `(1 - mu) * GRPO + mu * SFT on expert answers`, from one CPU to many nodes.
+
+    # The built-in demo: a tiny model learns single-digit addition on a CPU, nothing downloaded
+    trl-chord --config demo
+
+    # A real run: any hub id or local path for the model and both datasets
+    accelerate launch --config_file "$(trl-chord configs accelerate/zero3)" -m trl_chord.cli --config math_chord_phi
+
+`trl-chord` (`trl_chord.cli`) and `recipes/chord.py` run this file's `main`. Every ChordConfig / GRPOConfig option,
+TRL ModelConfig option (`--use_peft`, `--lora_r`, ...) and the script options below is a command-line flag, and can
+come from `--config`: a YAML file, or the name of a config shipped in `trl_chord/recipes/configs/`. With no
+`--model_name_or_path` and no `--dataset_name`, the run is the built-in demo.
+"""
+
+import importlib
+import os
+import sys
+from dataclasses import dataclass, field
+
+from transformers import AutoTokenizer
+from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
+
+from .. import ChordConfig, ChordTrainer
+from ..demo.addition import addition_reward, demo_datasets
+from ..demo.heldout import HeldOutEvaluationCallback
+from ..demo.reporting import JsonLinesLoggerCallback, plot_metrics
+from ..demo.tiny import save_tiny_model
+from ..rewards import math_accuracy_reward, tool_call_reward
+from . import config_path
+from .data_files import load_dataset_file_or_hub
+
+
+REWARD_FUNCS = {
+    "addition_reward": addition_reward,
+    "math_accuracy_reward": math_accuracy_reward,
+    "tool_call_reward": tool_call_reward,
+}
+
+
+@dataclass
+class ChordScriptArguments:
+    """
+    Script options of the CHORD recipe.
+
+    Parameters:
+        dataset_name (`str`, *optional*):
+            RL prompts: a hub dataset id, or a local `.json`, `.jsonl` or `.parquet` file. Unset: the built-in task.
+        dataset_config (`str`, *optional*):
+            Hub dataset configuration name of the RL prompts.
+        dataset_train_split (`str`, *optional*, defaults to `"train"`):
+            Split of the RL prompts.
+        dataset_prompt_column (`str`, *optional*, defaults to `"prompt"`):
+            Column of the RL prompts holding the prompt; renamed to `prompt`. Other columns reach the rewards.
+        chord_sft_dataset (`str`, *optional*):
+            Expert demonstrations (`prompt`/`completion` or `messages`, optional `tools`): a hub dataset id, or a local
+            `.json`, `.jsonl` or `.parquet` file. The name ms-swift uses.
+        chord_sft_dataset_config (`str`, *optional*):
+            Hub dataset configuration name of the expert demonstrations.
+        chord_sft_dataset_split (`str`, *optional*, defaults to `"train"`):
+            Split of the expert demonstrations.
+        reward_funcs (`list[str]`, *optional*):
+            Reward functions by name (see `REWARD_FUNCS`) or dotted import path (`my_module.my_reward`).
+        heldout_eval_steps (`int`, *optional*, defaults to `25`):
+            Built-in task only: held-out accuracy is measured every this many optimizer steps.
+    """
+
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "RL prompts: hub id or local json/jsonl/parquet file."}
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub configuration name of the RL prompts."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split of the RL prompts."})
+    dataset_prompt_column: str = field(
+        default="prompt", metadata={"help": "Column of the RL prompts with the prompt."}
+    )
+    chord_sft_dataset: str | None = field(
+        default=None, metadata={"help": "Expert demonstrations: hub id or local json/jsonl/parquet file."}
+    )
+    chord_sft_dataset_config: str | None = field(
+        default=None, metadata={"help": "Hub configuration of the expert data."}
+    )
+    chord_sft_dataset_split: str = field(default="train", metadata={"help": "Split of the expert demonstrations."})
+    reward_funcs: list[str] | None = field(
+        default=None,
+        metadata={"help": f"Reward functions: names among {sorted(REWARD_FUNCS)} or dotted import paths."},
+    )
+    heldout_eval_steps: int = field(default=25, metadata={"help": "Built-in task: held-out accuracy period in steps."})
+
+
+def resolve_reward_funcs(names: list[str]) -> list:
+    rewards = []
+    for name in names:
+        if name in REWARD_FUNCS:
+            rewards.append(REWARD_FUNCS[name])
+        elif "." in name:
+            module_name, function_name = name.rsplit(".", 1)
+            sys.path.insert(0, os.getcwd())
+            rewards.append(getattr(importlib.import_module(module_name), function_name))
+        else:
+            raise ValueError(f"Unknown reward function {name!r}: use one of {sorted(REWARD_FUNCS)} or a dotted path.")
+    return rewards
+
+
+def main(script_args: ChordScriptArguments, training_args: ChordConfig, model_args: ModelConfig):
+    builtin_task = script_args.dataset_name is None
+    heldout = None
+    if builtin_task:
+        train_dataset, expert_dataset, heldout = demo_datasets(seed=training_args.seed)
+        reward_funcs = resolve_reward_funcs(script_args.reward_funcs or ["addition_reward"])
+    else:
+        if not script_args.reward_funcs:
+            raise ValueError("Give at least one reward function with --reward_funcs.")
+        train_dataset = load_dataset_file_or_hub(
+            script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split
+        )
+        if script_args.dataset_prompt_column != "prompt":
+            train_dataset = train_dataset.rename_column(script_args.dataset_prompt_column, "prompt")
+        expert_dataset = None
+        if script_args.chord_sft_dataset is not None:
+            expert_dataset = load_dataset_file_or_hub(
+                script_args.chord_sft_dataset,
+                script_args.chord_sft_dataset_config,
+                script_args.chord_sft_dataset_split,
+            )
+        reward_funcs = resolve_reward_funcs(script_args.reward_funcs)
+
+    model_path = model_args.model_name_or_path
+    if model_path is None:
+        if not builtin_task:
+            raise ValueError("Give --model_name_or_path (a hub id or a local folder).")
+        # A tiny random model, saved so that GRPOTrainer can reload it (e.g. as the reference model when beta > 0)
+        model_path = os.path.join(training_args.output_dir, "initial-model")
+        if training_args.distributed_state.is_main_process:
+            save_tiny_model(model_path, hidden_size=64, intermediate_size=128, num_attention_heads=4)
+        training_args.distributed_state.wait_for_everyone()
+
+    model_init_kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_path,
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        padding_side="left",
+    )
+    trainer = ChordTrainer(
+        model=model_path,
+        reward_funcs=reward_funcs,
+        args=training_args,
+        train_dataset=train_dataset,
+        expert_dataset=expert_dataset,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        quantization_config=get_quantization_config(model_args),
+    )
+    os.makedirs(training_args.output_dir, exist_ok=True)
+    metrics_path = os.path.join(training_args.output_dir, "metrics.jsonl")
+    if training_args.resume_from_checkpoint is None and os.path.exists(metrics_path):
+        os.remove(metrics_path)
+    trainer.add_callback(JsonLinesLoggerCallback(metrics_path))
+    heldout_callback = None
+    if heldout is not None:
+        heldout_callback = HeldOutEvaluationCallback(
+            trainer,
+            heldout,
+            every_n_steps=script_args.heldout_eval_steps,
+            max_new_tokens=training_args.max_completion_length,
+            evaluate_before_training=True,
+        )
+        trainer.add_callback(heldout_callback)
+
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+
+    if trainer.accelerator.is_main_process:
+        history = heldout_callback.history if heldout_callback else None
+        plot_path = plot_metrics(metrics_path, os.path.join(training_args.output_dir, "metrics.png"), history)
+        print(f"Metrics: {metrics_path}\nPlot: {plot_path}\nModel: {training_args.output_dir}")
+        if history:
+            print(
+                f"Held-out accuracy: {history[0]['accuracy']:.0%} before training, "
+                f"{history[-1]['accuracy']:.0%} after {history[-1]['step']} steps."
+            )
+    trainer.accelerator.wait_for_everyone()
+
+
+def make_parser() -> TrlParser:
+    return TrlParser((ChordScriptArguments, ChordConfig, ModelConfig))
+
+
+def parse_args(args: list[str]) -> tuple[ChordScriptArguments, ChordConfig, ModelConfig]:
+    """The recipe's options from `args`; `--config` takes a YAML file or the name of a shipped config (`demo`)."""
+    args = list(args)
+    if "--config" in args and args.index("--config") + 1 < len(args):
+        index = args.index("--config") + 1
+        args[index] = config_path(args[index])
+    return make_parser().parse_args_and_config(args)
