@@ -340,6 +340,13 @@ def _hooked(module: torch.nn.Module, forward_hook=None, forward_pre_hook=None):
             handle.remove()
 
 
+def language_backbone(model: PreTrainedModel) -> torch.nn.Module:
+    """The module whose last hidden state the LM head reads: the model's decoder where it names one (transformers 4's
+    Gemma 3 has no `base_model` of its own), else its `base_model`."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    return decoder if isinstance(decoder, torch.nn.Module) and decoder is not model else model.base_model
+
+
 def _last_hidden_state(output):
     return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
 
@@ -365,7 +372,7 @@ def probe_lm_head(
     other transform before or after the head shows, whatever it is called in the config. The second scales the
     backbone's output so that the logits are that large, and compares TRL's log-probabilities with the model's.
     """
-    backbone, lm_head = model.base_model, model.get_output_embeddings()
+    backbone, lm_head = language_backbone(model), model.get_output_embeddings()
     if backbone is model or lm_head is None:
         return LMHeadProbe("full_logits", "the model has no separate backbone and LM head")
     length = min(PROBE_TOKENS, input_ids.shape[1])
@@ -511,7 +518,7 @@ def add_expert_loss_head(
             seen["hidden_states"] = _last_hidden_state(output)
 
         # The backbone and the head are looked up on each call, since FSDP and PEFT replace them after patching
-        with _hooked(self.base_model, forward_hook=capture):
+        with _hooked(language_backbone(self), forward_hook=capture):
             output = original_forward(*args, logits_to_keep=1, **kwargs)
         hidden_states = seen["hidden_states"][:, :-1]
         lm_head = self.get_output_embeddings()
