@@ -2,10 +2,10 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+from bounded_run import run_bounded
 from datasets import load_dataset
 
 from trl_chord.expert_data import prepare_expert_dataset
@@ -26,7 +26,7 @@ def run_script(name: str, tmp_path, *arguments: str) -> str:
         "HF_DATASETS_CACHE": str(tmp_path / "cache"),
     }
     command = [sys.executable, os.path.join(DATA_SCRIPTS, name), *arguments]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    completed = run_bounded(command, timeout=300, env=env)
     assert completed.returncode == 0, completed.stderr[-5000:]
     return completed.stdout
 

@@ -2,11 +2,11 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import yaml
+from bounded_run import run_bounded
 
 from trl_chord import ChordConfig
 from trl_chord.cli import main as cli_main
@@ -36,9 +36,7 @@ def test_builtin_demo_runs_and_reports(tmp_path):
         "--chord_mu_decay_steps",
         "4",
     ]
-    completed = subprocess.run(
-        command, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"}
-    )
+    completed = run_bounded(command, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert completed.returncode == 0, completed.stderr[-5000:]
     assert "Held-out accuracy: 0% before training" in completed.stdout
     entries = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -140,7 +138,7 @@ def test_recipe_trains_under_each_launch(tmp_path, launch):
         *EXTRA_ARGS.get(launch, []),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    completed = run_bounded(command, cwd=ROOT, timeout=900, env=env)
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-5000:]
     entries = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_logs = [e for e in entries if "chord/mu" in e]
