@@ -13,7 +13,7 @@ import pytest
 import torch
 from datasets import Dataset, Sequence
 from datasets import Image as ImageFeature
-from helpers import chord_config, oracle_weights
+from helpers import PLAIN_SGD, chord_config, oracle_weights, weights
 from tiny_vlms import VLM_FAMILIES, build_vlm, solid_image
 
 from trl_chord import ChordTrainer
@@ -432,6 +432,41 @@ def vision_rl_prompts(num_prompts=8) -> Dataset:
 def color_reward(completions, **kwargs) -> list[float]:
     """Rewards that vary even for a random model: the share of the completion's characters in 'red'."""
     return [sum(char in "red" for char in c[0]["content"]) / max(len(c[0]["content"]), 1) for c in completions]
+
+
+def test_vlm_chord_sgd_step_follows_the_gradient_of_the_models_own_expert_loss(tmp_path):
+    """mu = 1 and plain SGD: the trainer's update is -lr times the oracle's gradient, images included."""
+    model, processor = build_vlm("qwen2_vl", tmp_path)
+    rows = image_rows()
+    oracle_model = copy.deepcopy(model).train()
+    args = chord_config(
+        tmp_path,
+        chord_mu_peak=1.0,
+        chord_mu_valley=1.0,
+        chord_sft_per_device_train_batch_size=len(rows),
+        **PLAIN_SGD,
+        max_steps=1,
+    )
+    trainer = ChordTrainer(
+        model=model,
+        reward_funcs=color_reward,
+        args=args,
+        train_dataset=vision_rl_prompts(),
+        expert_dataset=Dataset.from_list(rows),
+        processing_class=processor,
+    )
+    before = weights(trainer)
+    trainer.train()
+    after = weights(trainer)
+
+    expected, _ = oracle_expert_loss(oracle_model, processor, rows)
+    expected.backward()
+    moved_vision_weights = 0
+    for name, param in oracle_model.named_parameters():
+        expected_update = -PLAIN_SGD["learning_rate"] * (param.grad if param.grad is not None else 0 * param)
+        torch.testing.assert_close(after[name] - before[name], expected_update, rtol=1e-4, atol=1e-7, msg=name)
+        moved_vision_weights += "visual" in name and bool(torch.count_nonzero(expected_update))
+    assert moved_vision_weights > 0
 
 
 def test_vlm_chord_training_run_lowers_the_expert_nll(tmp_path):
