@@ -1,4 +1,4 @@
-"""The package as users get it: the core alone imports without the demo and reward dependencies, and a plain
+"""The package as users get it: the core alone imports without the demo, reward and image dependencies, and a plain
 (non-editable) install runs the demo through the `trl-chord` command and through `recipes/chord.py`."""
 
 import json
@@ -14,7 +14,7 @@ from bounded_run import run_bounded
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OPTIONAL = ("matplotlib", "math_verify", "deepspeed")
+OPTIONAL = ("matplotlib", "math_verify", "deepspeed", "PIL")
 
 
 def test_the_core_needs_neither_the_demo_nor_the_optional_dependencies():

@@ -52,6 +52,7 @@ def test_shipped_configs_parse_by_name():
     training_configs = {name: path for name, path in shipped_configs().items() if not name.startswith("accelerate/")}
     assert set(training_configs) == {
         "demo",
+        "geometry_vlm_chord",
         "math_chord_mu",
         "math_chord_phi",
         "math_chord_phi_lora",

@@ -17,7 +17,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from transformers import AutoTokenizer
+from transformers import AutoProcessor
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from .. import ChordConfig, ChordTrainer
@@ -168,7 +168,8 @@ def main(script_args: ChordScriptArguments, training_args: ChordConfig, model_ar
         dtype=model_args.dtype,
     )
     training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
-    tokenizer = AutoTokenizer.from_pretrained(
+    # A vision-language model's processor, any other model's tokenizer, as GRPOTrainer loads it when given none
+    processing_class = AutoProcessor.from_pretrained(
         model_path,
         revision=model_args.model_revision,
         trust_remote_code=training_args.trust_remote_code,
@@ -180,7 +181,7 @@ def main(script_args: ChordScriptArguments, training_args: ChordConfig, model_ar
         args=training_args,
         train_dataset=train_dataset,
         expert_dataset=expert_dataset,
-        processing_class=tokenizer,
+        processing_class=processing_class,
         peft_config=get_peft_config(model_args),
         quantization_config=get_quantization_config(model_args),
     )
