@@ -17,6 +17,10 @@ from trl_chord.demo.tiny import build_tiny_tokenizer
 TEXT_TOWER = dict(
     hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
 )
+# SigLIP-style vision tower of the Gemma 3 and Idefics3 models: 28x28 images in 16 patches of 7
+VISION_TOWER = dict(
+    hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=7
+)
 QWEN_IMAGE_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 # Qwen2-VL's processor sizes images by their area in pixels: 56x56 gives 4x4 patches of 14, merged 2x2 into 4 tokens
 QWEN_IMAGE_SIZE = {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}
@@ -105,14 +109,7 @@ def gemma3(tmp_dir):
     )
     config = transformers.Gemma3Config(
         text_config=dict(vocab_size=len(tokenizer), **TEXT_TOWER, head_dim=8),
-        vision_config=dict(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=28,
-            patch_size=7,
-        ),
+        vision_config=VISION_TOWER,
         mm_tokens_per_image=4,
         image_token_index=tokenizer.image_token_id,
         boi_token_index=tokenizer.boi_token_id,
@@ -167,14 +164,7 @@ def idefics3(tmp_dir):
     )
     config = transformers.Idefics3Config(
         text_config=dict(model_type="llama", vocab_size=len(tokenizer), **TEXT_TOWER),
-        vision_config=dict(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=28,
-            patch_size=7,
-        ),
+        vision_config=VISION_TOWER,
         scale_factor=2,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
     )
