@@ -1,4 +1,5 @@
 import os
+import tempfile
 from unittest import mock
 
 import pytest
@@ -7,6 +8,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# DeepSpeed compiles its CPU shared-memory op on first use, under a lock file in the shared extensions cache; a build
+# killed half-way (a timeout, a machine stopped) leaves the lock behind and every later DeepSpeed launch waits on it
+# forever. A cache of this session's own costs one build (about 40 s on 2 cores) and cannot inherit a stale lock.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", tempfile.mkdtemp(prefix="trl-chord-torch-extensions-"))
 
 TESTED_PACKAGES = ("torch", "trl", "transformers", "accelerate", "datasets", "peft", "deepspeed", "math-verify")
 

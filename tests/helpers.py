@@ -102,24 +102,30 @@ def aggregate(terms: list[torch.Tensor], aggregation: str, norm_length: int | No
     return sum(t.sum() / norm_length for t in terms) / len(terms)
 
 
+def completion_logits(model, tokenizer, example) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's fp32 logits at the positions that predict an expert example's completion tokens, and those tokens:
+    the chat template of the prompt and of prompt + completion, and the model's plain forward at temperature 1."""
+    prompt_ids = tokenizer.apply_chat_template(
+        example["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
+    full_ids = tokenizer.apply_chat_template(
+        example["prompt"] + example["completion"], tokenize=True, return_dict=True
+    )["input_ids"]
+    assert full_ids[: len(prompt_ids)] == prompt_ids
+    logits = model(torch.tensor([full_ids])).logits[0, :-1].float()[len(prompt_ids) - 1 :]
+    return logits, torch.tensor(full_ids[len(prompt_ids) :])
+
+
 def expert_nll_gradient(
     model_dir, expert_dataset, weighting: str, aggregation: str = "token-mean", norm_length: int | None = None
 ) -> dict[str, torch.Tensor]:
-    """The weighted NLL of the expert completions, aggregated over the examples as one micro-batch, with the model's
-    plain forward at temperature 1, and its gradient."""
+    """The weighted NLL of the expert completions, aggregated over the examples as one micro-batch, and its
+    gradient."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     nlls, all_weights = [], []
     for example in expert_dataset:
-        prompt_ids = tokenizer.apply_chat_template(
-            example["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True
-        )["input_ids"]
-        full_ids = tokenizer.apply_chat_template(
-            example["prompt"] + example["completion"], tokenize=True, return_dict=True
-        )["input_ids"]
-        assert full_ids[: len(prompt_ids)] == prompt_ids
-        logits = model(torch.tensor([full_ids])).logits[0, :-1].float()[len(prompt_ids) - 1 :]
-        targets = torch.tensor(full_ids[len(prompt_ids) :])
+        logits, targets = completion_logits(model, tokenizer, example)
         logps = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
         nlls.append(-logps)
         all_weights.append(oracle_weights(weighting, logits, logps))

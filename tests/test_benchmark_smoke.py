@@ -3,11 +3,11 @@
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from bounded_run import run_bounded
 
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "chord_overhead.py"
@@ -20,11 +20,9 @@ pytestmark = pytest.mark.slow
 def quick_run(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("chord-overhead")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    completed = subprocess.run(
+    completed = run_bounded(
         [sys.executable, str(BENCHMARK), "--quick", "--output-dir", str(output_dir)],
         env=env,
-        capture_output=True,
-        text=True,
         timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-4000:]

@@ -1,11 +1,12 @@
 """The data scripts in `recipes/data`, run as users run them, on small local files in each source's schema."""
 
+import io
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+from bounded_run import run_bounded
 from datasets import load_dataset
 
 from trl_chord.expert_data import prepare_expert_dataset
@@ -26,7 +27,7 @@ def run_script(name: str, tmp_path, *arguments: str) -> str:
         "HF_DATASETS_CACHE": str(tmp_path / "cache"),
     }
     command = [sys.executable, os.path.join(DATA_SCRIPTS, name), *arguments]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    completed = run_bounded(command, timeout=300, env=env)
     assert completed.returncode == 0, completed.stderr[-5000:]
     return completed.stdout
 
@@ -302,3 +303,101 @@ def test_toolace_split_is_disjoint_and_experts_load(toolace_source, tmp_path, ti
 
     expert_dataset = load_dataset("json", data_files=str(output_dir / "expert_conversations.jsonl"), split="train")
     assert len(prepare_expert_dataset(expert_dataset, tiny_tokenizer, max_length=4096)) == 2
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Geometry3K (vision-language)
+
+
+def diagram(color: tuple[int, int, int], image_format: str) -> dict:
+    """An image as a dataset stores it: encoded bytes."""
+    from tiny_vlms import solid_image
+
+    buffer = io.BytesIO()
+    solid_image(color, noise_seed=sum(color)).save(buffer, format=image_format)
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+GEOMETRY_ROWS = [
+    {"images": [diagram((200, 0, 0), "PNG")], "problem": "<image>Find x.", "answer": "3"},
+    {"images": [diagram((0, 200, 0), "JPEG")], "problem": "<image>In the figure, find the angle ABC.", "answer": "60"},
+    {"images": [diagram((0, 0, 200), "PNG")], "problem": "<image> Find  x.", "answer": "3"},  # x again
+    {"images": [], "problem": "Find y.", "answer": "2"},
+    {"images": [diagram((90, 90, 0), "PNG")], "problem": "<image>Find z.", "answer": ""},
+]
+GEOMETRY_SOLUTIONS = [
+    {"images": [diagram((0, 90, 90), "JPEG")], "problem": "<image>Find the area.", "response": "6 * 2 = \\boxed{12}"},
+    {"images": [diagram((200, 0, 0), "PNG")], "problem": "<image>Find x.", "response": "So \\boxed{3}"},
+    {"images": [diagram((9, 9, 9), "PNG")], "problem": "<image>Find r.", "response": ""},
+]
+
+
+def image_parquet(path, rows: list[dict]) -> str:
+    from datasets import Dataset, Image, Sequence
+
+    Dataset.from_list(rows).cast_column("images", Sequence(Image())).to_parquet(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def geometry_dir(tmp_path_factory):
+    """The script's output on local files in Geometry3K's layout and Trinity-RFT's SFT layout."""
+    folder = tmp_path_factory.mktemp("geometry3k")
+    run_script(
+        "prepare_geometry3k.py",
+        folder,
+        *("--dataset", image_parquet(folder / "geometry3k.parquet", GEOMETRY_ROWS)),
+        *("--expert_dataset", image_parquet(folder / "solutions.parquet", GEOMETRY_SOLUTIONS)),
+        *("--output_dir", str(folder / "out")),
+    )
+    return folder / "out"
+
+
+def test_geometry3k_vision_sets_are_disjoint_and_keep_their_images_as_stored(geometry_dir):
+    summary = json.loads((geometry_dir / "summary.json").read_text())
+    assert summary["rl"] == {"kept": 2, "rejected": {"duplicate problem": 1, "no image": 1, "no answer": 1}}
+    assert summary["expert"] == {"kept": 1, "rejected": {"also an RL prompt": 1, "no solution": 1}}
+
+    rl = load_dataset("parquet", data_files=str(geometry_dir / "rl_prompts.parquet"), split="train")
+    expert = load_dataset("parquet", data_files=str(geometry_dir / "expert_solutions.parquet"), split="train")
+    instruction = "\n\nPlease reason step by step, and put your final answer within \\boxed{}."
+    assert [row["prompt"] for row in rl] == [
+        [{"role": "user", "content": "Find x." + instruction}],
+        [{"role": "user", "content": "In the figure, find the angle ABC." + instruction}],
+    ]
+    assert rl["solution"] == ["3", "60"]
+    assert expert[0]["prompt"] == [{"role": "user", "content": "Find the area." + instruction}]
+    assert expert[0]["completion"] == [{"role": "assistant", "content": "6 * 2 = \\boxed{12}"}]
+    # The images are images again, with the very bytes of the source: the JPEG is not re-compressed
+    from datasets import Image, Sequence
+
+    assert rl.features["images"].feature == Image() and expert.features["images"].feature == Image()
+    stored = rl.cast_column("images", Sequence(Image(decode=False)))["images"]
+    assert [images[0]["bytes"] for images in stored] == [GEOMETRY_ROWS[i]["images"][0]["bytes"] for i in (0, 1)]
+    assert math_accuracy_reward(["\\boxed{3}", "\\boxed{60}"], solution=rl["solution"]) == [1.0, 1.0]
+
+
+def test_geometry3k_vision_recipe_trains_a_vlm_on_the_prepared_files(geometry_dir, tmp_path):
+    """`trl-chord` with a (tiny, local) vision-language model and the script's output: its processor is loaded, the
+    RL prompts' and the experts' images reach the model."""
+    from tiny_vlms import build_vlm
+
+    model, processor = build_vlm("llava", tmp_path / "tokenizer")
+    model_dir = tmp_path / "tiny-llava"
+    model.save_pretrained(str(model_dir))
+    processor.save_pretrained(str(model_dir))
+    output_dir = tmp_path / "run"
+    command = [
+        os.path.join(os.path.dirname(sys.executable), "trl-chord"),
+        *("--model_name_or_path", str(model_dir), "--output_dir", str(output_dir)),
+        *("--dataset_name", str(geometry_dir / "rl_prompts.parquet")),
+        *("--chord_sft_dataset", str(geometry_dir / "expert_solutions.parquet")),
+        *("--reward_funcs", "math_accuracy_reward", "--chord_mu_valley", "0.5", "--max_steps", "2"),
+        *("--per_device_train_batch_size", "4", "--num_generations", "4", "--max_completion_length", "8"),
+        *("--logging_steps", "1", "--report_to", "none", "--save_strategy", "no", "--bf16", "false"),
+    ]
+    completed = run_bounded(command, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-5000:]
+    entries = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [entry for entry in entries if "chord/expert_nll" in entry]
+    assert len(steps) == 2 and all(entry["chord/expert_tokens"] > 0 and "chord/grpo_loss" in entry for entry in steps)

@@ -5,11 +5,11 @@ Every launch has a timeout, so a hang (a process left waiting in a collective) f
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
+from bounded_run import run_bounded
 from transformers import AutoModelForCausalLM
 
 
@@ -24,7 +24,7 @@ LAUNCHERS = {
 def launch(launcher, model_dir, output, *script_args, timeout=600):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = LAUNCHERS[launcher] + [SCRIPT, "--model", model_dir, "--output", str(output), *script_args]
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    completed = run_bounded(command, env=env, timeout=timeout)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
     return [json.loads((output / f"rank{rank}.json").read_text()) for rank in range(2)]
 
@@ -182,7 +182,7 @@ def test_fsdp2_expert_head_gradients_equal_the_mean_of_each_ranks(
     command += ["--backward-first"] if backward_first else []
     command += ["--shard-lm-head"] if shard_lm_head else []
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    completed = run_bounded(command, env=env, timeout=300)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
     result = torch.load(output)
     assert result["probe"] == "chunked"
@@ -206,7 +206,7 @@ def test_zero3_chord_micro_step_holds_no_head_gradient_through_the_grpo_pass(tmp
         str(tmp_path),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    completed = run_bounded(command, env=env, timeout=600)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
     result = json.loads((tmp_path / "quick" / "zero_memory.json").read_text())
     peaks, head_gradient = result["median_peak_bytes"], result["head_gradient_bytes"]

@@ -64,6 +64,14 @@ FAMILIES = {
 }
 
 
+def expected_head(family: str) -> str:
+    """The head the probe must pick. Under transformers 4, TRL's fused head cannot read Gemma 3's text model (it takes
+    the causal LM for its own backbone): the probe sees it fail and takes the exact full-logits path instead."""
+    if family == "gemma3" and int(transformers.__version__.split(".")[0]) < 5:
+        return "full_logits"
+    return FAMILIES[family][3]
+
+
 def build_model(family: str, seed: int = 0, **overrides):
     config_name, model_name, family_overrides, _ = FAMILIES[family]
     settings = {**SMALL, **family_overrides, **overrides}
@@ -109,7 +117,7 @@ def test_expert_loss_and_every_gradient_match_the_models_own_logits(family, grad
     expected, _ = own_expert_loss(oracle_model, *batch)
     expected.loss.backward()
 
-    assert model.chord_lm_head_probe.path == FAMILIES[family][3], model.chord_lm_head_probe
+    assert model.chord_lm_head_probe.path == expected_head(family), model.chord_lm_head_probe
     for field in ("loss", "nll_sum", "prob_sum", "weight_sum", "num_tokens"):
         torch.testing.assert_close(out[field], expected[field].to(out[field].dtype), msg=field)
     grads = {name: param.grad for name, param in model.named_parameters()}

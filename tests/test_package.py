@@ -1,9 +1,8 @@
-"""The package as users get it: the core alone imports without the demo and reward dependencies, and a plain
+"""The package as users get it: the core alone imports without the demo, reward and image dependencies, and a plain
 (non-editable) install runs the demo through the `trl-chord` command and through `recipes/chord.py`."""
 
 import json
 import os
-import subprocess
 import sys
 import sysconfig
 import tarfile
@@ -11,10 +10,11 @@ import textwrap
 import zipfile
 
 import pytest
+from bounded_run import run_bounded
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OPTIONAL = ("matplotlib", "math_verify", "deepspeed")
+OPTIONAL = ("matplotlib", "math_verify", "deepspeed", "PIL")
 
 
 def test_the_core_needs_neither_the_demo_nor_the_optional_dependencies():
@@ -28,10 +28,8 @@ def test_the_core_needs_neither_the_demo_nor_the_optional_dependencies():
 
         print(json.dumps(sorted(m for m in sys.modules if m.startswith("trl_chord"))))
     """)
-    completed = subprocess.run(
+    completed = run_bounded(
         [sys.executable, "-c", probe],
-        capture_output=True,
-        text=True,
         timeout=300,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
@@ -42,7 +40,7 @@ def test_the_core_needs_neither_the_demo_nor_the_optional_dependencies():
 
 
 def run(command, **kwargs):
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=900, **kwargs)
+    completed = run_bounded(command, timeout=900, **kwargs)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     return completed.stdout
 

@@ -3,11 +3,11 @@
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from bounded_run import run_bounded
 
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "paper" / "paper_table.py"
@@ -30,11 +30,9 @@ FINAL_METRICS = ("accuracy", "carry_accuracy", "worked_style", "mean_length", "m
 @pytest.mark.slow  # a subprocess of about half a minute: CI runs it, `-m "not slow"` leaves it out
 def test_quick_paper_table(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    completed = subprocess.run(
+    completed = run_bounded(
         [sys.executable, str(SCRIPT), "--quick", "--output_dir", str(tmp_path)],
         env=env,
-        capture_output=True,
-        text=True,
         timeout=180,
     )
     assert completed.returncode == 0, completed.stderr[-4000:]

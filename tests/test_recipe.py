@@ -2,11 +2,11 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import yaml
+from bounded_run import run_bounded
 
 from trl_chord import ChordConfig
 from trl_chord.cli import main as cli_main
@@ -36,9 +36,7 @@ def test_builtin_demo_runs_and_reports(tmp_path):
         "--chord_mu_decay_steps",
         "4",
     ]
-    completed = subprocess.run(
-        command, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"}
-    )
+    completed = run_bounded(command, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert completed.returncode == 0, completed.stderr[-5000:]
     assert "Held-out accuracy: 0% before training" in completed.stdout
     entries = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -54,6 +52,7 @@ def test_shipped_configs_parse_by_name():
     training_configs = {name: path for name, path in shipped_configs().items() if not name.startswith("accelerate/")}
     assert set(training_configs) == {
         "demo",
+        "geometry_vlm_chord",
         "math_chord_mu",
         "math_chord_phi",
         "math_chord_phi_lora",
@@ -140,7 +139,7 @@ def test_recipe_trains_under_each_launch(tmp_path, launch):
         *EXTRA_ARGS.get(launch, []),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    completed = run_bounded(command, cwd=ROOT, timeout=900, env=env)
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-5000:]
     entries = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_logs = [e for e in entries if "chord/mu" in e]
@@ -151,3 +150,107 @@ def test_recipe_trains_under_each_launch(tmp_path, launch):
     if launch == "lora":
         assert (tmp_path / "adapter_model.safetensors").exists()
     assert sum("heldout/accuracy" in e for e in entries) == 2
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def sum_prompts(numbers):
+    return [{"prompt": [{"role": "user", "content": f"{n}+1="}], "answer": str(n + 1)} for n in numbers]
+
+
+def sum_experts(numbers, style):
+    return [
+        {
+            "prompt": [{"role": "user", "content": f"{n}+1="}],
+            "completion": [{"role": "assistant", "content": style(n)}],
+        }
+        for n in numbers
+    ]
+
+
+def recipe_args(tiny_model_dir, tmp_path, *extra):
+    return [
+        "--model_name_or_path",
+        tiny_model_dir,
+        "--dataset_name",
+        write_jsonl(tmp_path / "prompts.jsonl", sum_prompts(range(8))),
+        "--reward_funcs",
+        "addition_reward",
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--use_cpu",
+        "true",
+        "--bf16",
+        "false",
+        "--report_to",
+        "none",
+        "--per_device_train_batch_size",
+        "4",
+        "--num_generations",
+        "4",
+        "--max_completion_length",
+        "4",
+        "--logging_steps",
+        "1",
+        "--save_strategy",
+        "no",
+        *extra,
+    ]
+
+
+def test_recipe_mixes_several_expert_sources_in_the_given_proportions(tiny_model_dir, tmp_path):
+    from trl_chord.recipes.chord import main
+
+    short = write_jsonl(tmp_path / "short.jsonl", sum_experts(range(6), lambda n: str(n + 1)))
+    worked = write_jsonl(tmp_path / "worked.jsonl", sum_experts(range(4), lambda n: f"{n} and 1 make {n + 1}"))
+    args = recipe_args(
+        tiny_model_dir,
+        tmp_path,
+        "--chord_sft_dataset",
+        short,
+        f"long={worked}",
+        "--chord_sft_dataset_proportions",
+        '{"short": 1, "long": 3}',
+        "--chord_sft_per_device_train_batch_size",
+        "4",
+        "--max_steps",
+        "2",
+    )
+    main(*parse_args(args))
+    entries = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [entry for entry in entries if "chord/mu" in entry]
+    assert len(steps) == 2
+    for entry in steps:
+        # 1 of every 4 expert examples from "short" (3 tokens each with the end of turn), 3 from "long"
+        assert entry["chord/expert_tokens/short"] == 1 * 3
+        assert entry["chord/expert_tokens/long"] > 3 * 10
+        assert entry["chord/expert_nll/short"] > 0 and entry["chord/expert_nll/long"] > 0
+
+
+def test_two_expert_sources_with_one_name_are_refused(tmp_path):
+    from trl_chord.recipes.chord import load_expert_sources
+
+    (tmp_path / "other").mkdir()
+    first = write_jsonl(tmp_path / "math.jsonl", sum_experts([1], str))
+    second = write_jsonl(tmp_path / "other" / "math.jsonl", sum_experts([2], str))
+    with pytest.raises(ValueError, match="Two expert sources are named 'math'"):
+        load_expert_sources([first, second], None, "train")
+
+
+def test_only_the_main_process_clears_an_old_metrics_file(tiny_model_dir, tmp_path, monkeypatch):
+    # Every process runs the recipe; with several, a second one that also removed the old metrics file raced the
+    # first (and could delete what the first had begun to write). As a process other than the main one:
+    import accelerate
+
+    from trl_chord.recipes.chord import main
+
+    (tmp_path / "run").mkdir()
+    old_run = '{"step": 1, "loss": 1.0}\n'
+    (tmp_path / "run" / "metrics.jsonl").write_text(old_run)
+    monkeypatch.setattr(accelerate.Accelerator, "is_main_process", property(lambda self: False))
+    expert = write_jsonl(tmp_path / "experts.jsonl", sum_experts(range(4), lambda n: str(n + 1)))
+    main(*parse_args(recipe_args(tiny_model_dir, tmp_path, "--chord_sft_dataset", expert, "--max_steps", "1")))
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().startswith(old_run)

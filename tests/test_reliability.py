@@ -3,11 +3,11 @@
 import json
 import os
 import signal
-import subprocess
 import sys
 
 import pytest
 import torch
+from bounded_run import run_bounded
 from datasets import Dataset
 from helpers import weights
 from transformers import AutoTokenizer
@@ -36,9 +36,7 @@ def run_killable(model_dir, output_dir, tag, *extra, expect_killed=False):
         str(result),
         *extra,
     ]
-    completed = subprocess.run(
-        command, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"}
-    )
+    completed = run_bounded(command, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if expect_killed:
         assert completed.returncode == -signal.SIGKILL, completed.stderr[-3000:]
     else:

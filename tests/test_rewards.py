@@ -184,7 +184,7 @@ def test_math_reward_survives_a_dead_worker(warm_math_verifier):
     [
         pytest.param("a" * 1_000_000, -0.1, id="1MB-no-answer"),
         pytest.param("a" * 1_000_000 + r" \boxed{2}", 1.0, id="1MB-answer-at-end"),
-        pytest.param(r"\boxed{\frac{1}{0}}", 0.0, id="division-by-zero"),
+        pytest.param(r"\boxed{\frac{1}{0}}", 0.0, id="divide-by-zero"),
         # The box starts before the last MAX_COMPLETION_CHARS characters, so it is not seen.
         pytest.param(r"\boxed{" + "9" * 1_000_000 + "}", -0.1, id="million-digit-number"),
         pytest.param(r"\boxed{" + "9" * 50_000 + "}", 0.0, id="50k-digit-number"),

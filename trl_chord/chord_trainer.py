@@ -6,6 +6,7 @@ import textwrap
 import torch
 from accelerate.utils import DistributedType, is_peft_model
 from datasets import concatenate_datasets
+from transformers import ProcessorMixin
 from transformers.training_args import OptimizerNames
 from transformers.utils import logging
 from trl import GRPOTrainer
@@ -13,7 +14,13 @@ from trl import GRPOTrainer
 from .callbacks import ChordMuCallback
 from .checkpoints import CHORD_STATE_NAME, checkpoint_problem, complete_checkpoints
 from .chord_config import ChordConfig
-from .expert_data import ExpertMixtureSampler, ExpertSampler, collate_expert_batch, prepare_expert_dataset
+from .expert_data import (
+    ExpertMixtureSampler,
+    ExpertSampler,
+    collate_expert_batch,
+    collate_expert_images,
+    prepare_expert_dataset,
+)
 from .expert_head import add_expert_loss_head
 from .losses import ExpertLossOutput
 from .schedule import chord_mu_is_ever_positive
@@ -41,7 +48,9 @@ class ChordTrainer(GRPOTrainer):
         expert_dataset ([`~datasets.Dataset`] or `dict[str, Dataset]`, *optional*):
             Expert demonstrations, in one of TRL's standard formats: `prompt`/`completion` (plain text or
             conversational) or conversational `messages` (every assistant turn is trained), with an optional `tools`
-            column for the chat template. Needed whenever `mu > 0` at some step. A dict of named datasets mixes
+            column for the chat template. With a vision-language policy (a processor as `processing_class`), examples
+            may carry images (`images` or `image` column), processed as GRPOTrainer processes its prompts' images.
+            Needed whenever `mu > 0` at some step. A dict of named datasets mixes
             several sources in `args.chord_sft_dataset_proportions` (by default in proportion to their sizes), with
             per-source metrics `chord/expert_nll/<name>` and `chord/expert_tokens/<name>`.
     """
@@ -126,7 +135,10 @@ class ChordTrainer(GRPOTrainer):
         elif expert_dataset is not None:
             with self.accelerator.main_process_first():
                 self.expert_dataset = prepare_expert_dataset(
-                    expert_dataset, self._tokenizer, max_length=args.chord_sft_max_length
+                    expert_dataset,
+                    self.processing_class,
+                    max_length=args.chord_sft_max_length,
+                    image_token_id=self._image_token_id(),
                 )
             self.expert_sampler = ExpertSampler(
                 len(self.expert_dataset),
@@ -167,7 +179,11 @@ class ChordTrainer(GRPOTrainer):
             for name, dataset in sources.items():
                 try:
                     prepared[name] = prepare_expert_dataset(
-                        dataset, self._tokenizer, max_length=args.chord_sft_max_length, source=name
+                        dataset,
+                        self.processing_class,
+                        max_length=args.chord_sft_max_length,
+                        source=name,
+                        image_token_id=self._image_token_id(),
                     )
                 except (TypeError, ValueError) as error:
                     raise type(error)(f"Expert source {name!r}: {error}") from error
@@ -188,11 +204,20 @@ class ChordTrainer(GRPOTrainer):
             seed=args.seed,
         )
 
+    def _image_token_id(self) -> int | None:
+        """The placeholder token of an image's features, for a vision-language policy (the config entry TRL reads)."""
+        if not isinstance(self.processing_class, ProcessorMixin):
+            return None
+        return getattr(self.model.config, "image_token_id", None)
+
     def _next_expert_batch(self) -> dict[str, torch.Tensor]:
+        """The next expert micro-batch: token ids and masks, the source of each example with several sources, and
+        for a vision-language policy the image inputs of its examples' images."""
         indices = self.expert_sampler.next_batch()
-        batch = collate_expert_batch(
-            [self.expert_dataset[index] for index in indices], pad_token_id=self._tokenizer.pad_token_id
-        )
+        examples = [self.expert_dataset[index] for index in indices]
+        batch = collate_expert_batch(examples, pad_token_id=self._tokenizer.pad_token_id)
+        if isinstance(self.processing_class, ProcessorMixin):
+            batch.update(collate_expert_images(examples, self.processing_class, batch["input_ids"].shape[1]))
         if self.expert_source_names is not None:
             batch["source"] = torch.tensor([self.expert_sampler.source_of(index) for index in indices])
         return {name: tensor.to(self.accelerator.device) for name, tensor in batch.items()}
@@ -203,12 +228,19 @@ class ChordTrainer(GRPOTrainer):
         with several sources, each source's NLL sum and token count (a `(2, num_sources)` tensor).
         """
         batch = self._next_expert_batch()
+        # Pixel values, image grids or sizes, token types: whatever the processor gave for the micro-batch's images
+        image_inputs = {
+            name: value
+            for name, value in batch.items()
+            if name not in ("input_ids", "attention_mask", "completion_mask", "source")
+        }
         # MoE models: request the router logits exactly when GRPOTrainer does for the GRPO term
         moe_kwargs = {"output_router_logits": True} if self.aux_loss_enabled else {}
         with self.accelerator.autocast():
             expert = model(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
+                **image_inputs,
                 labels=batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100),
                 chord_expert_loss=True,
                 # When the backward comes at once, the head computes its gradient in the forward; else it recomputes

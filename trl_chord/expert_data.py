@@ -1,14 +1,16 @@
-"""Expert demonstrations for the CHORD SFT term: tokenization, the expert sampler and the collator."""
+"""Expert demonstrations for the CHORD SFT term: tokenization, the expert sampler and the collators."""
 
+import io
 import json
 from collections import Counter
 from typing import Any
 
 import torch
-from datasets import Dataset
-from transformers import PreTrainedTokenizerBase
+from datasets import Dataset, Features, Sequence, Value
+from datasets import Image as ImageFeature
+from transformers import PreTrainedTokenizerBase, ProcessorMixin
 from transformers.utils import logging
-from trl.data_utils import common_prefix_length
+from trl.data_utils import common_prefix_length, prepare_multimodal_messages
 
 
 logger = logging.get_logger(__name__)
@@ -16,8 +18,12 @@ logger = logging.get_logger(__name__)
 SKIP_EMPTY_COMPLETION = "empty completion"
 SKIP_NO_ASSISTANT_TURN = "no assistant turn"
 SKIP_TRUNCATED_AWAY = "completion truncated away"
+SKIP_IMAGE_CUT = "an image cut by the length limit"
 # Roles that chat templates of common model families render; anything else is a data error, not a new role
 KNOWN_ROLES = {"system", "developer", "user", "assistant", "tool", "ipython", "function"}
+IMAGE_COLUMNS = ("images", "image")
+# The processor outputs with one value per token (TRL's names); every other one is per image
+PER_TOKEN_IMAGE_INPUTS = ("token_type_ids", "mm_token_type_ids")
 
 
 def expert_dataset_format(column_names: list[str]) -> str:
@@ -76,12 +82,108 @@ def example_is_conversational(example: dict[str, Any], index: int) -> bool:
     return True
 
 
-def _chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list, tools: list | None, **kwargs) -> list[int]:
-    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True, **kwargs)["input_ids"]
+def expert_images(example: dict[str, Any], index: int) -> list:
+    """An expert example's images as stored: its `images` list, or its one `image`; `[]` when it has none."""
+    images = example.get("images")
+    if images is None:
+        return [] if example.get("image") is None else [example["image"]]
+    if not isinstance(images, list):
+        raise ValueError(f"Expert example {index}: `images` must be a list of images, got {type(images).__name__}.")
+    return images
+
+
+def load_expert_image(image: Any, index: int | None = None):
+    """
+    A PIL image from a stored one: a PIL image, a file path (or URL), or `datasets`' undecoded `{"bytes", "path"}`
+    dict. One that cannot be read raises a `ValueError` that names the expert example (its `index`, when given).
+    """
+    from PIL import Image  # only expert data with images needs it: `pip install 'trl-chord[vision]'`
+    from transformers.image_utils import load_image
+
+    where = "An expert example" if index is None else f"Expert example {index}"
+    try:
+        if isinstance(image, dict) and image.get("bytes") is not None:
+            loaded = Image.open(io.BytesIO(image["bytes"]))
+            loaded.load()  # decode now: a damaged image fails here, naming its example, not in the processor
+            return loaded
+        if isinstance(image, dict):
+            image = image.get("path")
+        if isinstance(image, (str, Image.Image)):
+            return load_image(image)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{where}: an image cannot be read ({type(error).__name__}: {error}).") from error
+    raise ValueError(
+        f"{where}: an image must be a PIL image, a file path or `datasets`' {{'bytes', 'path'}} dict, got "
+        f"{type(image).__name__}."
+    )
+
+
+def _multimodal_conversation(messages: list, images: list, index: int) -> list:
+    """
+    `messages` as TRL gives a vision-language model's prompts to its processor: content blocks, with `images` in the
+    `{"type": "image"}` placeholders, or, in a conversation of plain strings, before the first user message's text.
+    """
+    for message in messages:
+        content = message.get("content")
+        parts = content if isinstance(content, list) else []
+        if any(
+            isinstance(part, dict) and part.get("type") == "image" and part.get("image") is not None for part in parts
+        ):
+            raise ValueError(
+                f"Expert example {index}: a message holds an image itself; put the images in the `images` column and "
+                "mark where each goes with a `{'type': 'image'}` block."
+            )
+    try:
+        return prepare_multimodal_messages(messages, images=images)
+    except (KeyError, TypeError, ValueError) as error:  # placeholders and images that do not pair up, bad roles
+        raise ValueError(f"Expert example {index}: {error}") from error
+
+
+def _count_images(messages: list) -> int:
+    return sum(
+        part.get("type") == "image"
+        for message in messages
+        if isinstance(message.get("content"), list)
+        for part in message["content"]
+    )
+
+
+def _chat_encoder(processing_class, tools: list | None, images: list, index: int):
+    """
+    `encode(messages, **template_kwargs)`: the token ids of a conversation rendered by the chat template. A processor
+    also expands each of the conversation's images (the first of `images`, in order) into its placeholder tokens.
+    """
+    if not isinstance(processing_class, ProcessorMixin):
+
+        def encode(messages: list, **template_kwargs) -> list[int]:
+            return processing_class.apply_chat_template(
+                messages, tools=tools, tokenize=True, return_dict=True, **template_kwargs
+            )["input_ids"]
+
+        return encode
+
+    def encode(messages: list, **template_kwargs) -> list[int]:
+        text = processing_class.apply_chat_template(messages, tools=tools, tokenize=False, **template_kwargs)
+        num_images = _count_images(messages)
+        try:
+            inputs = processing_class(
+                text=[text], images=[images[:num_images]] if num_images else None, add_special_tokens=False
+            )
+        except (IndexError, KeyError, TypeError, ValueError) as error:
+            raise ValueError(
+                f"Expert example {index}: the processor fails on it ({type(error).__name__}: {error})."
+            ) from error
+        return [int(token) for token in inputs["input_ids"][0]]
+
+    return encode
 
 
 def tokenize_expert_example(
-    example: dict[str, Any], index: int, tokenizer: PreTrainedTokenizerBase, max_length: int
+    example: dict[str, Any],
+    index: int,
+    processing_class: PreTrainedTokenizerBase | ProcessorMixin,
+    max_length: int,
+    image_token_id: int | None = None,
 ) -> dict[str, Any]:
     """
     Token ids of one expert example and a mask of the tokens the SFT term trains on.
@@ -92,39 +194,76 @@ def tokenize_expert_example(
     - messages: every assistant turn is trained, everything else is masked. Each turn's tokens are found by
       rendering the conversation up to it, so any chat template that renders earlier turns unchanged works.
 
+    With a processor (`processing_class` of a vision-language policy), conversational examples are rendered as TRL
+    renders such a policy's prompts ([`_multimodal_conversation`]), with the example's images (`images` or `image`
+    column), each expanded by the processor into its placeholder tokens. Those (`image_token_id`) are never trained,
+    and an example that the cut at `max_length` would leave with part of an image is skipped. The result then also
+    holds the `images`, as stored, and, for an example with images, the rendered `text` that the collator hands the
+    processor with them ([`collate_expert_images`]).
+
     The sequence is cut at `max_length` tokens (the end of the completion is dropped). `skip_reason` is empty, or says
     why the example carries nothing to train on.
     """
     tools = _load_tools(example.get("tools"), index)
     conversational = example_is_conversational(example, index)
     messages_format = "messages" in example and not ("prompt" in example and "completion" in example)
-    if messages_format:
-        messages = example["messages"]
-        input_ids = _chat_ids(tokenizer, messages, tools)
-        completion_mask = [0] * len(input_ids)
-        for turn, message in enumerate(messages):
-            if message.get("role") != "assistant":
-                continue
-            start = common_prefix_length(
-                _chat_ids(tokenizer, messages[:turn], tools, add_generation_prompt=True), input_ids
-            )
-            end = common_prefix_length(_chat_ids(tokenizer, messages[: turn + 1], tools), input_ids)
-            completion_mask[start:end] = [1] * (end - start)
-    elif conversational:
-        prompt_ids = _chat_ids(tokenizer, example["prompt"], tools, add_generation_prompt=True)
-        input_ids = _chat_ids(tokenizer, example["prompt"] + example["completion"], tools)
-        prompt_length = common_prefix_length(prompt_ids, input_ids)
-        completion_mask = [0] * prompt_length + [1] * (len(input_ids) - prompt_length)
+    is_processor = isinstance(processing_class, ProcessorMixin)
+    images = expert_images(example, index)
+    if images and not is_processor:
+        raise ValueError(
+            f"Expert example {index} has {len(images)} image(s), but the policy's `processing_class` is a tokenizer: "
+            "images need a vision-language model and its processor (`AutoProcessor.from_pretrained(...)`) as "
+            "`processing_class`. For a text-only policy, leave the images out."
+        )
+    if images and not conversational:
+        raise ValueError(
+            f"Expert example {index} has images but plain-text `prompt` and `completion`: an example with images "
+            "must be conversational (lists of messages), so that the chat template places them."
+        )
+    loaded_images = [load_expert_image(image, index) for image in images]
+    encode = _chat_encoder(processing_class, tools, loaded_images, index)
+
+    text = ""
+    if conversational:
+        if messages_format:
+            messages = example["messages"]
+        else:
+            messages, num_prompt_messages = example["prompt"] + example["completion"], len(example["prompt"])
+        if is_processor:
+            messages = _multimodal_conversation(messages, loaded_images, index)
+            if images:
+                text = processing_class.apply_chat_template(messages, tools=tools, tokenize=False)
+        if messages_format:
+            input_ids = encode(messages)
+            completion_mask = [0] * len(input_ids)
+            for turn, message in enumerate(messages):
+                if message.get("role") != "assistant":
+                    continue
+                start = common_prefix_length(encode(messages[:turn], add_generation_prompt=True), input_ids)
+                end = common_prefix_length(encode(messages[: turn + 1]), input_ids)
+                completion_mask[start:end] = [1] * (end - start)
+        else:
+            prompt_ids = encode(messages[:num_prompt_messages], add_generation_prompt=True)
+            input_ids = encode(messages)
+            prompt_length = common_prefix_length(prompt_ids, input_ids)
+            completion_mask = [0] * prompt_length + [1] * (len(input_ids) - prompt_length)
     else:
+        tokenizer = processing_class.tokenizer if is_processor else processing_class
         prompt_ids = tokenizer(text=example["prompt"])["input_ids"]
         input_ids = tokenizer(text=example["prompt"] + example["completion"])["input_ids"]
         prompt_length = common_prefix_length(prompt_ids, input_ids)
         if len(input_ids) > prompt_length and tokenizer.eos_token_id is not None:
             input_ids = input_ids + [tokenizer.eos_token_id]
         completion_mask = [0] * prompt_length + [1] * (len(input_ids) - prompt_length)
+    if image_token_id is not None:
+        # An image's placeholder tokens stand for its features: there is nothing to predict at them
+        completion_mask = [
+            trained and int(token != image_token_id) for token, trained in zip(input_ids, completion_mask)
+        ]
 
     # The first token has no prediction, so it never counts as a trained token
     has_completion = any(completion_mask[1:])
+    image_cut = image_token_id is not None and image_token_id in input_ids[max_length:]
     input_ids, completion_mask = input_ids[:max_length], completion_mask[:max_length]
     if messages_format and not any(message["role"] == "assistant" for message in example["messages"]):
         skip_reason = SKIP_NO_ASSISTANT_TURN
@@ -132,21 +271,47 @@ def tokenize_expert_example(
         skip_reason = SKIP_EMPTY_COMPLETION
     elif not any(completion_mask[1:]):
         skip_reason = SKIP_TRUNCATED_AWAY
+    elif image_cut:
+        # The processor would give the image's features whole, for fewer placeholder tokens than it has
+        skip_reason = SKIP_IMAGE_CUT
     else:
         skip_reason = ""
-    return {"input_ids": input_ids, "completion_mask": completion_mask, "skip_reason": skip_reason}
+    tokenized = {"input_ids": input_ids, "completion_mask": completion_mask, "skip_reason": skip_reason}
+    if is_processor:
+        tokenized.update(images=images, text=text)
+    return tokenized
+
+
+def without_image_decoding(dataset: Dataset) -> Dataset:
+    """
+    `dataset` with its image columns left undecoded, so that an image that cannot be read fails in
+    [`load_expert_image`], which names its example, rather than inside `datasets`, and is kept as stored.
+    """
+    for column in IMAGE_COLUMNS:
+        feature = dataset.features.get(column)
+        if isinstance(feature, ImageFeature):
+            dataset = dataset.cast_column(column, ImageFeature(decode=False))
+        elif isinstance(getattr(feature, "feature", None), ImageFeature):  # a list of images
+            dataset = dataset.cast_column(column, Sequence(ImageFeature(decode=False)))
+    return dataset
 
 
 def prepare_expert_dataset(
-    dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, source: str | None = None
+    dataset: Dataset,
+    processing_class: PreTrainedTokenizerBase | ProcessorMixin,
+    max_length: int,
+    source: str | None = None,
+    image_token_id: int | None = None,
 ) -> Dataset:
     """
-    Validate and tokenize an expert dataset (`source`: its name, when it is one of several); returns the examples that
-    carry tokens to train on.
+    Validate and tokenize an expert dataset (`source`: its name, when it is one of several) with the policy's
+    tokenizer, or its processor for a vision-language policy (`image_token_id`: the placeholder token of an image's
+    features, `config.image_token_id`); returns the examples that carry tokens to train on.
 
-    Raises a `ValueError` for an empty dataset, missing columns, conversational data with a tokenizer that has no chat
-    template, or a dataset none of whose examples is left after skipping. Skipped examples (empty completion, or a
-    completion that the `max_length` cut removes entirely) are counted in a warning.
+    Raises a `ValueError` for an empty dataset, missing columns, conversational data with a tokenizer or processor that
+    has no chat template, or a dataset none of whose examples is left after skipping. Skipped examples (empty
+    completion, a completion that the `max_length` cut removes entirely, or an image it would cut) are counted in a
+    warning.
     """
     if not isinstance(dataset, Dataset):
         raise TypeError(
@@ -156,16 +321,31 @@ def prepare_expert_dataset(
     if len(dataset) == 0:
         raise ValueError("`expert_dataset` is empty: it needs at least one example per process.")
     dataset_format = expert_dataset_format(dataset.column_names)
-    if (dataset_format == "messages" or example_is_conversational(dataset[0], 0)) and tokenizer.chat_template is None:
+    dataset = without_image_decoding(dataset)
+    conversational = dataset_format == "messages" or example_is_conversational(dataset[0], 0)
+    if conversational and processing_class.chat_template is None:
         raise ValueError(
-            "`expert_dataset` is conversational, but the tokenizer (`processing_class`) has no chat template. Set "
-            "`processing_class.chat_template`, or give plain-text `prompt`/`completion` columns."
+            "`expert_dataset` is conversational, but the tokenizer or processor (`processing_class`) has no chat "
+            "template. Set `processing_class.chat_template`, or give plain-text `prompt`/`completion` columns."
+        )
+    features = None
+    if isinstance(processing_class, ProcessorMixin):
+        # Declared, so that a run of examples without images does not leave the `images` column untyped
+        features = Features(
+            {
+                "input_ids": Sequence(Value("int64")),
+                "completion_mask": Sequence(Value("int64")),
+                "skip_reason": Value("string"),
+                "images": Sequence(ImageFeature(decode=False)),
+                "text": Value("string"),
+            }
         )
     tokenized = dataset.map(
         tokenize_expert_example,
         with_indices=True,
-        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
+        fn_kwargs={"processing_class": processing_class, "max_length": max_length, "image_token_id": image_token_id},
         remove_columns=dataset.column_names,
+        features=features,
         desc="Tokenizing expert dataset",
     )
     skipped = Counter(reason for reason in tokenized["skip_reason"] if reason)
@@ -309,7 +489,7 @@ class ExpertMixtureSampler:
             self.samplers[name].load_state_dict(sampler_state)
 
 
-def collate_expert_batch(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate_expert_batch(examples: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad tokenized expert examples into `input_ids`, `attention_mask` and `completion_mask` tensors."""
     max_length = max(len(example["input_ids"]) for example in examples)
     input_ids = torch.full((len(examples), max_length), pad_token_id, dtype=torch.long)
@@ -321,3 +501,40 @@ def collate_expert_batch(examples: list[dict[str, list[int]]], pad_token_id: int
         attention_mask[row, :length] = 1
         completion_mask[row, :length] = torch.tensor(example["completion_mask"])
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+
+
+def collate_expert_images(
+    examples: list[dict[str, Any]], processor: ProcessorMixin, num_tokens: int
+) -> dict[str, torch.Tensor]:
+    """
+    The image inputs of an expert micro-batch for the model's forward: everything the processor returns for its
+    examples' images besides the token ids (pixel values, grid or size tensors, ...), as TRL passes them for its
+    prompts; `{}` when no example has an image.
+
+    The processor gets the examples with images only (older processors refuse an example without any), with the
+    text [`tokenize_expert_example`] rendered for them, so it expands every image into the tokens that are already in
+    `input_ids`. Per-token inputs ([`PER_TOKEN_IMAGE_INPUTS`]) are put back at their examples' rows, zero elsewhere,
+    over the batch's `num_tokens` (its padded length).
+    """
+    rows = [row for row, example in enumerate(examples) if example["images"]]
+    if not rows:
+        return {}
+    inputs = processor(
+        text=[examples[row]["text"] for row in rows],
+        images=[[load_expert_image(image) for image in examples[row]["images"]] for row in rows],
+        padding=True,
+        padding_side="right",
+        add_special_tokens=False,
+        return_tensors="pt",
+    )
+    image_inputs = {}
+    for name, value in inputs.items():
+        if name in ("input_ids", "attention_mask"):
+            continue
+        if name in PER_TOKEN_IMAGE_INPUTS:
+            per_token = value.new_zeros(len(examples), num_tokens)
+            length = min(num_tokens, value.shape[1])
+            per_token[rows, :length] = value[:, :length]
+            value = per_token
+        image_inputs[name] = value
+    return image_inputs

@@ -340,6 +340,20 @@ def _hooked(module: torch.nn.Module, forward_hook=None, forward_pre_hook=None):
             handle.remove()
 
 
+def language_backbone(model: PreTrainedModel) -> torch.nn.Module:
+    """
+    The module whose last hidden state the LM head reads: the model's decoder where it names one (a vision-language
+    model's language model; transformers 4's Gemma 3 has no `base_model` of its own), else its `base_model`, else
+    `model.model` (transformers 4's LLaVA names neither). [`probe_lm_head`] checks the choice.
+    """
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if isinstance(decoder, torch.nn.Module) and decoder is not model:
+        return decoder
+    if model.base_model is not model:
+        return model.base_model
+    return getattr(model, "model", model)
+
+
 def _last_hidden_state(output):
     return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
 
@@ -351,25 +365,36 @@ def _with_last_hidden_state(output, hidden_states):
     return (hidden_states, *output[1:])
 
 
-@torch.no_grad()
-def probe_lm_head(
-    model: PreTrainedModel, original_forward, trl_head_forward, input_ids, attention_mask
-) -> LMHeadProbe:
+def probe_token_ids(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """
-    Find out, by running the model on the first few tokens of `input_ids`, whether its logits are exactly
-    `lm_head(last_hidden_state)` with a plain linear head (`"chunked"`), else whether TRL's fused head reproduces them
-    (`"trl_fused"`), else `"full_logits"`.
+    The `(1, n)` token ids the probe runs on: the first [`PROBE_TOKENS`] attended tokens of the first row, leaving out
+    image and video placeholders (`config.image_token_id`, `video_token_id`), so that the probe needs no image inputs:
+    the head is applied to text tokens as to any other.
+    """
+    keep = attention_mask[0].bool()
+    for name in ("image_token_id", "video_token_id"):
+        placeholder = getattr(model.config, name, None)
+        if placeholder is not None:
+            keep &= input_ids[0] != placeholder
+    return input_ids[0][keep][:PROBE_TOKENS].unsqueeze(0)
+
+
+@torch.no_grad()
+def probe_lm_head(model: PreTrainedModel, original_forward, trl_head_forward, input_ids) -> LMHeadProbe:
+    """
+    Find out, by running the model on a few tokens (`input_ids`, shape `(1, n)`: [`probe_token_ids`]), whether its
+    logits are exactly `lm_head(last_hidden_state)` with a plain linear head (`"chunked"`), else whether TRL's fused
+    head reproduces them (`"trl_fused"`), else `"full_logits"`.
 
     The first test replaces the head's output by known values of magnitude [`PROBE_LOGIT_MAGNITUDE`] and checks that
     the model returns them unchanged and that the head's input is the backbone's output: any scaling, capping or
     other transform before or after the head shows, whatever it is called in the config. The second scales the
     backbone's output so that the logits are that large, and compares TRL's log-probabilities with the model's.
     """
-    backbone, lm_head = model.base_model, model.get_output_embeddings()
+    backbone, lm_head = language_backbone(model), model.get_output_embeddings()
     if backbone is model or lm_head is None:
         return LMHeadProbe("full_logits", "the model has no separate backbone and LM head")
-    length = min(PROBE_TOKENS, input_ids.shape[1])
-    inputs = {"input_ids": input_ids[:1, :length], "attention_mask": attention_mask[:1, :length], "use_cache": False}
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "use_cache": False}
     seen = {}
 
     def capture_backbone(module, args, output):
@@ -470,7 +495,10 @@ def add_expert_loss_head(
             return original_forward(*args, **kwargs)
         if self.chord_lm_head_probe is None:
             self.chord_lm_head_probe = probe_lm_head(
-                self, original_forward, trl_head_forward, kwargs["input_ids"], kwargs["attention_mask"]
+                self,
+                original_forward,
+                trl_head_forward,
+                probe_token_ids(self, kwargs["input_ids"], kwargs["attention_mask"]),
             )
             logger.info(
                 f"CHORD expert term: {self.chord_lm_head_probe.path} LM head ({self.chord_lm_head_probe.reason})."
@@ -511,7 +539,7 @@ def add_expert_loss_head(
             seen["hidden_states"] = _last_hidden_state(output)
 
         # The backbone and the head are looked up on each call, since FSDP and PEFT replace them after patching
-        with _hooked(self.base_model, forward_hook=capture):
+        with _hooked(language_backbone(self), forward_hook=capture):
             output = original_forward(*args, logits_to_keep=1, **kwargs)
         hidden_states = seen["hidden_states"][:, :-1]
         lm_head = self.get_output_embeddings()

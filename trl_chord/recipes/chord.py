@@ -17,7 +17,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from transformers import AutoTokenizer
+from transformers import AutoProcessor
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from .. import ChordConfig, ChordTrainer
@@ -51,13 +51,15 @@ class ChordScriptArguments:
             Split of the RL prompts.
         dataset_prompt_column (`str`, *optional*, defaults to `"prompt"`):
             Column of the RL prompts holding the prompt; renamed to `prompt`. Other columns reach the rewards.
-        chord_sft_dataset (`str`, *optional*):
-            Expert demonstrations (`prompt`/`completion` or `messages`, optional `tools`): a hub dataset id, or a local
-            `.json`, `.jsonl` or `.parquet` file. The name ms-swift uses.
+        chord_sft_dataset (`list[str]`, *optional*):
+            Expert demonstrations (`prompt`/`completion` or `messages`, optional `tools`): hub dataset ids or local
+            `.json`, `.jsonl` or `.parquet` files, the name ms-swift uses. Several sources mix as
+            `chord_sft_dataset_proportions` says (by default by size); each is named `name=path_or_id`, or by its file
+            stem or the last part of its hub id.
         chord_sft_dataset_config (`str`, *optional*):
-            Hub dataset configuration name of the expert demonstrations.
+            Hub dataset configuration name of the expert demonstrations (every source).
         chord_sft_dataset_split (`str`, *optional*, defaults to `"train"`):
-            Split of the expert demonstrations.
+            Split of the expert demonstrations (every source).
         reward_funcs (`list[str]`, *optional*):
             Reward functions by name (see `REWARD_FUNCS`) or dotted import path (`my_module.my_reward`).
         heldout_eval_steps (`int`, *optional*, defaults to `25`):
@@ -72,8 +74,12 @@ class ChordScriptArguments:
     dataset_prompt_column: str = field(
         default="prompt", metadata={"help": "Column of the RL prompts with the prompt."}
     )
-    chord_sft_dataset: str | None = field(
-        default=None, metadata={"help": "Expert demonstrations: hub id or local json/jsonl/parquet file."}
+    chord_sft_dataset: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Expert demonstrations: hub ids or local json/jsonl/parquet files, each optionally named as "
+            "name=path_or_id; several sources mix as chord_sft_dataset_proportions says."
+        },
     )
     chord_sft_dataset_config: str | None = field(
         default=None, metadata={"help": "Hub configuration of the expert data."}
@@ -100,6 +106,32 @@ def resolve_reward_funcs(names: list[str]) -> list:
     return rewards
 
 
+def expert_source_name(path_or_id: str) -> str:
+    """A source's name from its file stem or the last part of its hub id: `data/math.jsonl` and `org/math` -> math."""
+    return os.path.splitext(os.path.basename(path_or_id.rstrip("/")))[0]
+
+
+def load_expert_sources(entries: list[str] | str | None, config: str | None, split: str):
+    """
+    The expert dataset(s) of `--chord_sft_dataset`: `None`, one `Dataset` for one unnamed entry, or a dict of named
+    datasets for several (or named) entries, `name=path_or_id`.
+    """
+    if entries is None:
+        return None
+    entries = [entries] if isinstance(entries, str) else list(entries)  # a YAML config may give one string
+    if len(entries) == 1 and "=" not in entries[0]:
+        return load_dataset_file_or_hub(entries[0], config, split)
+    sources = {}
+    for entry in entries:
+        name, path_or_id = entry.split("=", 1) if "=" in entry else (expert_source_name(entry), entry)
+        if name in sources:
+            raise ValueError(
+                f"Two expert sources are named {name!r} in --chord_sft_dataset {entries}: name them, as name=path."
+            )
+        sources[name] = load_dataset_file_or_hub(path_or_id, config, split)
+    return sources
+
+
 def main(script_args: ChordScriptArguments, training_args: ChordConfig, model_args: ModelConfig):
     builtin_task = script_args.dataset_name is None
     heldout = None
@@ -114,13 +146,9 @@ def main(script_args: ChordScriptArguments, training_args: ChordConfig, model_ar
         )
         if script_args.dataset_prompt_column != "prompt":
             train_dataset = train_dataset.rename_column(script_args.dataset_prompt_column, "prompt")
-        expert_dataset = None
-        if script_args.chord_sft_dataset is not None:
-            expert_dataset = load_dataset_file_or_hub(
-                script_args.chord_sft_dataset,
-                script_args.chord_sft_dataset_config,
-                script_args.chord_sft_dataset_split,
-            )
+        expert_dataset = load_expert_sources(
+            script_args.chord_sft_dataset, script_args.chord_sft_dataset_config, script_args.chord_sft_dataset_split
+        )
         reward_funcs = resolve_reward_funcs(script_args.reward_funcs)
 
     model_path = model_args.model_name_or_path
@@ -140,7 +168,8 @@ def main(script_args: ChordScriptArguments, training_args: ChordConfig, model_ar
         dtype=model_args.dtype,
     )
     training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
-    tokenizer = AutoTokenizer.from_pretrained(
+    # A vision-language model's processor, any other model's tokenizer, as GRPOTrainer loads it when given none
+    processing_class = AutoProcessor.from_pretrained(
         model_path,
         revision=model_args.model_revision,
         trust_remote_code=training_args.trust_remote_code,
@@ -152,14 +181,16 @@ def main(script_args: ChordScriptArguments, training_args: ChordConfig, model_ar
         args=training_args,
         train_dataset=train_dataset,
         expert_dataset=expert_dataset,
-        processing_class=tokenizer,
+        processing_class=processing_class,
         peft_config=get_peft_config(model_args),
         quantization_config=get_quantization_config(model_args),
     )
     os.makedirs(training_args.output_dir, exist_ok=True)
     metrics_path = os.path.join(training_args.output_dir, "metrics.jsonl")
-    if training_args.resume_from_checkpoint is None and os.path.exists(metrics_path):
-        os.remove(metrics_path)
+    # Only the main process writes the file (JsonLinesLoggerCallback), so only it may clear an old run's
+    if trainer.accelerator.is_main_process and training_args.resume_from_checkpoint is None:
+        if os.path.exists(metrics_path):
+            os.remove(metrics_path)
     trainer.add_callback(JsonLinesLoggerCallback(metrics_path))
     heldout_callback = None
     if heldout is not None:
