@@ -27,8 +27,6 @@ from ..rewards import completion_text
 # The final answer in either style: the whole completion is a number, or it ends with "answer <number>"
 SHORT_ANSWER = re.compile(r"\s*(\d+)\s*")
 WORKED_ANSWER = re.compile(r".*answer (\d+)\s*", re.DOTALL)
-# The worked style's longest answer ("9+9=18 carry 1; 9+1=10; answer 108" is 34 characters) plus the end token
-MAX_COMPLETION_TOKENS = 36
 
 
 def numbers_of_digits(digits: int) -> range:
@@ -83,18 +81,6 @@ def mirrored_split(
     rng = random.Random(seed)
     heldout = rng.sample([(a, b) for a, b in pairs if a < b], num_heldout)
     return [pair for pair in pairs if pair not in heldout], heldout
-
-
-def carry_split(
-    pairs: list[tuple[int, int]], num_heldout: int, seed: int
-) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """Training pairs and `num_heldout` held-out pairs, half of which need a carry."""
-    rng = random.Random(seed)
-    carry = [pair for pair in pairs if has_carry(*pair)]
-    no_carry = [pair for pair in pairs if not has_carry(*pair)]
-    heldout = rng.sample(carry, num_heldout // 2) + rng.sample(no_carry, num_heldout - num_heldout // 2)
-    heldout_set = set(heldout)
-    return [pair for pair in pairs if pair not in heldout_set], heldout
 
 
 def prompt_dataset(pairs: list[tuple[int, int]]) -> Dataset:
