@@ -525,6 +525,17 @@ def format_preconditions(prepared: dict) -> str:
     )
 
 
+def prepare_all(scale: Scale, work_dir: str, workers: int) -> dict[int, dict]:
+    """Only the starting models and their preconditions, `workers` seeds at a time (`--preconditions_only`)."""
+    started = time.time()
+    prepared = {}
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        for result in pool.map(prepare_seed, scale.seeds, [scale] * len(scale.seeds), [work_dir] * len(scale.seeds)):
+            print(f"[{time.time() - started:6.0f}s] seed {result['seed']}: {format_preconditions(result)}", flush=True)
+            prepared[result["seed"]] = result
+    return prepared
+
+
 def run_all(scale: Scale, work_dir: str, workers: int) -> dict:
     """
     Every run, `workers` at a time: the starting models; as soon as a selection seed's is ready, each method at every
@@ -750,11 +761,26 @@ def main():
     parser.add_argument("--quick", action="store_true", help="a much smaller smoke version (about a minute)")
     parser.add_argument("--output_dir", default="docs/results", help="where the JSON and the PNG go")
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel, one CPU thread each")
+    parser.add_argument(
+        "--preconditions_only",
+        action="store_true",
+        help="pre-train the starting models, measure P1-P4 and stop (writes paper_table_preconditions.json)",
+    )
     options = parser.parse_args()
     scale = QUICK if options.quick else FULL
     started, load_before = time.time(), machine_load()
     own_cpu_before = resource_seconds()
     info = provenance()
+    if options.preconditions_only:
+        with tempfile.TemporaryDirectory(prefix="chord-paper-") as work_dir:
+            starts = prepare_all(scale, work_dir, options.workers)
+        for start in starts.values():
+            del start["path"]  # a temporary folder, gone now
+        report = {"scale": asdict(scale), "wall_seconds": time.time() - started, "provenance": info, "starts": starts}
+        os.makedirs(options.output_dir, exist_ok=True)
+        with open(os.path.join(options.output_dir, "paper_table_preconditions.json"), "w") as file:
+            json.dump(report, file, indent=1)
+        return
     with tempfile.TemporaryDirectory(prefix="chord-paper-") as work_dir:
         try:
             results = run_all(scale, work_dir, options.workers)
