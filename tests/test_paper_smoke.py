@@ -29,7 +29,7 @@ SPLITS = ("test", "ood_test", "general_test")
 PRECONDITIONS = ("P1", "P2", "P3", "P4")
 
 
-@pytest.mark.slow  # a subprocess of about half a minute: CI runs it, `-m "not slow"` leaves it out
+@pytest.mark.slow  # a subprocess of about a minute: CI runs it, `-m "not slow"` leaves it out
 def test_quick_paper_table(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     completed = run_bounded(

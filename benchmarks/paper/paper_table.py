@@ -2,11 +2,12 @@
 CHORD's claims tested at small scale, on a CPU: SFT, GRPO, SFT-then-GRPO, CHORD-mu, CHORD-phi and ablations, each at
 its best of three learning rates, on a target task the starting model partly solves, with a second skill to keep.
 
-    HF_HUB_OFFLINE=1 python benchmarks/paper/paper_table.py [--quick] [--output_dir docs/results]
+    HF_HUB_OFFLINE=1 python benchmarks/paper/paper_table.py [--quick] [--preconditions_only] [--output_dir DIR]
 
 1. For each seed, a tiny random model is pre-trained with plain SFT (TRL's SFTTrainer) on two task families in a
-   SHORT answer style: two- and three-digit sums (the target task T) and word reversal (the general skill G). It stops
-   while it is still learning T: that is the starting ("instruct") model. The preconditions (P1-P4) are measured on it
+   SHORT answer style: two- and three-digit sums (the target task T) and word reversal (the general skill G), plus
+   two-digit + one-digit sums in the worked style. It stops while it is still learning T: that is the starting
+   ("instruct") model. The preconditions (P1-P4) are measured on it
    and printed; a full run stops there if one fails.
 2. Every method trains it for the same number of optimizer steps, on the same RL prompts (two-digit sums only) and the
    same expert demonstrations (other two-digit sums in a LONGER worked style), through `ChordTrainer`, with a reward
