@@ -24,10 +24,12 @@ METHODS = {
     "mu0.1_focal",
     "adaptive",
 }
-FINAL_METRICS = ("accuracy", "carry_accuracy", "worked_style", "mean_length", "mean_entropy")
+FINAL_METRICS = ("accuracy", "worked_style", "mean_length", "mean_entropy")
+SPLITS = ("test", "ood_test", "general_test")
+PRECONDITIONS = ("P1", "P2", "P3", "P4")
 
 
-@pytest.mark.slow  # a subprocess of about half a minute: CI runs it, `-m "not slow"` leaves it out
+@pytest.mark.slow  # a subprocess of about a minute: CI runs it, `-m "not slow"` leaves it out
 def test_quick_paper_table(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     completed = run_bounded(
@@ -39,11 +41,19 @@ def test_quick_paper_table(tmp_path):
     report = json.loads((tmp_path / "paper_table_quick.json").read_text())
     assert (tmp_path / "paper_table_quick.png").stat().st_size > 0
     assert set(report["methods"]) == METHODS
+    for seed, start in report["starts"].items():
+        assert set(start["preconditions"]) == set(PRECONDITIONS), seed
+        assert all(isinstance(result["holds"], bool) for result in start["preconditions"].values())
+        assert math.isfinite(start["preconditions"]["P3"]["expert_nll"])
+    assert set(report["best_learning_rates"]) == METHODS - {"start"}
     for name, result in report["methods"].items():
-        for metric in FINAL_METRICS:
-            summary = result["final"][metric]
-            assert all(math.isfinite(summary[key]) for key in ("mean", "std", "min", "max")), (name, metric)
-            assert summary["min"] <= summary["mean"] <= summary["max"]
-        assert 0.0 <= result["final"]["accuracy"]["mean"] <= 1.0
-        assert len(result["curve"]["steps"]) == len(result["curve"]["accuracy"]) >= 1
+        for split in SPLITS:
+            for metric in FINAL_METRICS:
+                summary = result["final"][split][metric]
+                assert all(math.isfinite(summary[key]) for key in ("mean", "std", "min", "max")), (name, split, metric)
+                assert summary["min"] <= summary["mean"] <= summary["max"]
+            assert 0.0 <= result["final"][split]["accuracy"]["mean"] <= 1.0
+            if name != "start":
+                assert len(result["curve"]["steps"]) == len(result["curve"][split]) >= 2  # step 0 and later
     assert "| sft_then_grpo" in completed.stdout
+    assert "Preconditions" in completed.stdout

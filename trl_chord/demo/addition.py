@@ -1,16 +1,20 @@
 """
-The built-in verifiable task: `a + b` with a one-digit `b`, and a one-digit (the demo) or two-digit (the paper
-benchmark) `a`. Everything is deterministic from a seed and built offline, so a tiny random model learns it on a CPU.
+The built-in verifiable tasks. Everything is deterministic from a seed and built offline, so a tiny random model
+learns them on a CPU.
 
-Answers come in two styles, and the reward reads either: SHORT (`42`) and WORKED, the units column with its carry,
-then the tens column, then the answer (`7+5=12 carry 1; 3+1=4; answer 42`). Held-out sums are split off in one of two
-ways:
+Addition, the target task: `a + b` with operands of a given number of digits (one-digit sums in the demo, two-digit
+ones in the paper benchmark, with three-digit `a` as its out-of-distribution split). Answers come in two styles, and
+the rewards read either: SHORT (`42`) and WORKED, one column at a time from the units up with its carry, then the
+answer (`7+5=12 carry 1; 3+1=4; answer 42`, `7+5=12 carry 1; 3+4+1=8; answer 82`). The demo's held-out sums are
+`a + b` with `a < b`, whose mirror `b + a` stays in training (`mirrored_split`), so a model that learns that addition
+commutes can answer them.
 
-- `mirrored_split` (the demo): held-out `a + b` with `a < b`, whose mirror `b + a` stays in training, so a model that
-  learns that addition commutes can answer them;
-- `carry_split` (the paper benchmark): half of the held-out sums need a carry, half do not.
+Reversal, the paper benchmark's second, general skill: `rev abc` answered `cba`, in its own prompt format, never in
+the addition prompts or the expert answers, so how well a model keeps it after training on addition measures how
+much that training damaged what the model already knew.
 """
 
+import itertools
 import random
 import re
 from collections.abc import Callable
@@ -23,18 +27,33 @@ from ..rewards import completion_text
 # The final answer in either style: the whole completion is a number, or it ends with "answer <number>"
 SHORT_ANSWER = re.compile(r"\s*(\d+)\s*")
 WORKED_ANSWER = re.compile(r".*answer (\d+)\s*", re.DOTALL)
-# The worked style's longest answer ("9+9=18 carry 1; 9+1=10; answer 108" is 34 characters) plus the end token
-MAX_COMPLETION_TOKENS = 36
 
 
-def operand_pairs(first_digits: int) -> list[tuple[int, int]]:
-    """Every `(a, b)` with an `a` of `first_digits` digits (0 to 9 for one digit) and a one-digit `b`."""
-    low = 0 if first_digits == 1 else 10 ** (first_digits - 1)
-    return [(a, b) for a in range(low, 10**first_digits) for b in range(10)]
+def numbers_of_digits(digits: int) -> range:
+    """The numbers of `digits` digits: 0 to 9 for one digit, no leading zeros for more."""
+    return range(0 if digits == 1 else 10 ** (digits - 1), 10**digits)
+
+
+def operand_pairs(first_digits: int, second_digits: int = 1) -> list[tuple[int, int]]:
+    """Every `(a, b)` with an `a` of `first_digits` digits and a `b` of `second_digits` digits."""
+    return [(a, b) for a in numbers_of_digits(first_digits) for b in numbers_of_digits(second_digits)]
+
+
+def column_steps(a: int, b: int) -> list[tuple[list[int], int]]:
+    """Column addition from the units up: each column's terms (digit of `a`, digit of `b` if any, carry in) and sum."""
+    steps, carry = [], 0
+    for column in range(len(str(max(a, b)))):
+        terms = [number // 10**column % 10 for number in (a, b) if number >= 10**column or column == 0]
+        if column > 0:
+            terms.append(carry)
+        steps.append((terms, sum(terms)))
+        carry = sum(terms) // 10
+    return steps
 
 
 def has_carry(a: int, b: int) -> bool:
-    return a % 10 + b >= 10
+    """Whether any column of `a + b` carries (the last one into a new digit)."""
+    return any(total >= 10 for _, total in column_steps(a, b))
 
 
 def prompt(a: int, b: int) -> list[dict[str, str]]:
@@ -46,10 +65,13 @@ def short_answer(a: int, b: int) -> str:
 
 
 def worked_answer(a: int, b: int) -> str:
-    """The units column with its carry, then the tens column, then the answer."""
-    units, carry = a % 10 + b, (a % 10 + b) // 10
-    tens = a // 10
-    return f"{a % 10}+{b}={units} carry {carry}; {tens}+{carry}={tens + carry}; answer {a + b}"
+    """Each column from the units up, with the carry it passes on (but the last's), then the answer."""
+    steps = column_steps(a, b)
+    parts = [
+        "+".join(map(str, terms)) + f"={total}" + (f" carry {total // 10}" if index < len(steps) - 1 else "")
+        for index, (terms, total) in enumerate(steps)
+    ]
+    return "; ".join(parts) + f"; answer {a + b}"
 
 
 def mirrored_split(
@@ -59,18 +81,6 @@ def mirrored_split(
     rng = random.Random(seed)
     heldout = rng.sample([(a, b) for a, b in pairs if a < b], num_heldout)
     return [pair for pair in pairs if pair not in heldout], heldout
-
-
-def carry_split(
-    pairs: list[tuple[int, int]], num_heldout: int, seed: int
-) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """Training pairs and `num_heldout` held-out pairs, half of which need a carry."""
-    rng = random.Random(seed)
-    carry = [pair for pair in pairs if has_carry(*pair)]
-    no_carry = [pair for pair in pairs if not has_carry(*pair)]
-    heldout = rng.sample(carry, num_heldout // 2) + rng.sample(no_carry, num_heldout - num_heldout // 2)
-    heldout_set = set(heldout)
-    return [pair for pair in pairs if pair not in heldout_set], heldout
 
 
 def prompt_dataset(pairs: list[tuple[int, int]]) -> Dataset:
@@ -115,3 +125,42 @@ def text_reward(text: str, expected: str) -> float:
 def addition_reward(completions, answer, **kwargs) -> list[float]:
     """[`text_reward`] of each completion against the dataset's `answer` column, as a TRL reward function."""
     return [text_reward(completion_text(c), expected) for c, expected in zip(completions, answer, strict=True)]
+
+
+# The reversal task's alphabet: words of three to five of these letters, 111,000 in all
+REVERSAL_LETTERS = "abcdefghij"
+
+
+def reversal_words(lengths: tuple[int, ...] = (3, 4, 5)) -> list[str]:
+    """Every word of `REVERSAL_LETTERS` with one of the given lengths, in a fixed order."""
+    return ["".join(letters) for length in lengths for letters in itertools.product(REVERSAL_LETTERS, repeat=length)]
+
+
+def reversal_prompt(word: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"rev {word}"}]
+
+
+def reversal_prompt_dataset(words: list[str]) -> Dataset:
+    """Reversal prompts with their `answer`."""
+    return Dataset.from_dict(
+        {"prompt": [reversal_prompt(word) for word in words], "answer": [word[::-1] for word in words]}
+    )
+
+
+def reversal_completion_dataset(words: list[str]) -> Dataset:
+    return Dataset.from_dict(
+        {
+            "prompt": [reversal_prompt(word) for word in words],
+            "completion": [[{"role": "assistant", "content": word[::-1]}] for word in words],
+        }
+    )
+
+
+def is_correct(text: str, expected: str) -> bool:
+    """Whether a completion's final answer is `expected`: a sum read in either style, a reversed word as it stands."""
+    return (parse_answer(text) if expected.isdigit() else text.strip()) == expected
+
+
+def correctness_reward(completions, answer, **kwargs) -> list[float]:
+    """1 for a correct final answer, 0 for anything else, with no format term (so no style is preferred)."""
+    return [float(is_correct(completion_text(c), expected)) for c, expected in zip(completions, answer, strict=True)]
