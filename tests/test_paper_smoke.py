@@ -35,7 +35,7 @@ def test_quick_paper_table(tmp_path):
     completed = run_bounded(
         [sys.executable, str(SCRIPT), "--quick", "--output_dir", str(tmp_path)],
         env=env,
-        timeout=180,
+        timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
     report = json.loads((tmp_path / "paper_table_quick.json").read_text())
