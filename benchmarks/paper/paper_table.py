@@ -37,6 +37,7 @@ from multiprocessing import get_context
 import datasets
 import torch
 import transformers
+import trl
 from datasets import Dataset, concatenate_datasets
 from transformers import AutoModelForCausalLM, PrinterCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
@@ -743,7 +744,7 @@ def provenance() -> dict:
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "trl": __import__("trl").__version__,
+        "trl": trl.__version__,
     }
 
 
