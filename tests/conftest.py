@@ -11,7 +11,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # DeepSpeed compiles its CPU shared-memory op on first use, under a lock file in the shared extensions cache; a build
 # killed half-way (a timeout, a machine stopped) leaves the lock behind and every later DeepSpeed launch waits on it
 # forever. A cache of this session's own costs one build (about 40 s on 2 cores) and cannot inherit a stale lock.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", tempfile.mkdtemp(prefix="trl-chord-torch-extensions-"))
+if "TORCH_EXTENSIONS_DIR" not in os.environ:
+    session_extensions = tempfile.TemporaryDirectory(prefix="trl-chord-torch-extensions-")  # removed at exit
+    os.environ["TORCH_EXTENSIONS_DIR"] = session_extensions.name
 
 TESTED_PACKAGES = ("torch", "trl", "transformers", "accelerate", "datasets", "peft", "deepspeed", "math-verify")
 
