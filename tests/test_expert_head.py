@@ -258,6 +258,52 @@ def test_fp16_head_gradient_is_as_accurate_as_standard_amp():
         assert error <= 3 * amp_error, (gradient_in_forward, error, amp_error)
 
 
+def _peaked_head_case(seed=0, num_tokens=512, vocab_size=4096, hidden_size=64, num_uniform=4):
+    """Hidden states under which the policy is nearly certain of most tokens (low entropy) and knows nothing of a
+    few (all-zero hidden states: the uniform distribution, entropy log V): normalised entropy weights up to ~100."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(vocab_size, hidden_size, generator=generator) / hidden_size**0.5
+    targets = torch.randint(0, vocab_size, (num_tokens,), generator=generator)
+    hidden = 30.0 * weight[targets] + 0.1 * torch.randn(num_tokens, hidden_size, generator=generator)
+    hidden[:num_uniform] = 0.0
+    return hidden, weight, targets
+
+
+def test_fp16_normalised_entropy_weights_stay_finite_and_as_accurate_as_amp_in_both_head_modes():
+    hidden, weight, targets = _peaked_head_case()
+    _, _, expected_weight_grad, _ = _oracle(
+        hidden.double(), weight.double(), torch.zeros(len(weight), dtype=torch.float64), targets, "entropy", 1.0
+    )
+    loss_scale = 2.0**16
+
+    # Standard fp16 AMP: fp16 logits, the loss (with the same detached weights) in fp32, a scaled backward
+    amp_weight = weight.clone().requires_grad_(True)
+    logits = (hidden.half() @ amp_weight.half().t()).float()
+    log_softmax = logits.log_softmax(-1)
+    entropies = -(log_softmax.exp() * log_softmax).sum(-1)
+    logps = log_softmax.gather(-1, targets[:, None]).squeeze(-1)
+    mask = torch.ones_like(logps)
+    (expert_sft_loss(logps, mask, token_weights("entropy", logps, mask, entropies)).loss * loss_scale).backward()
+    amp_error = _relative_error(amp_weight.grad / loss_scale, expected_weight_grad)
+    assert (entropies.max() / entropies.mean()).item() > 50  # the normalised weights reach far beyond log V
+
+    for gradient_in_forward in (True, False):
+        chord_weight = weight.clone().requires_grad_(True)
+        out = weighted_expert_nll(
+            hidden,
+            chord_weight,
+            None,
+            targets,
+            "entropy",
+            compute_dtype=torch.float16,
+            gradient_in_forward=gradient_in_forward,
+        )
+        (out.loss * loss_scale).backward()
+        assert torch.isfinite(chord_weight.grad).all(), gradient_in_forward
+        error = _relative_error(chord_weight.grad / loss_scale, expected_weight_grad)
+        assert error <= 3 * amp_error, (gradient_in_forward, error, amp_error)
+
+
 def test_grad_scaler_skips_a_step_whose_expert_gradient_overflows_and_takes_the_next():
     model, input_ids, _ = _fp16_case(seed=1, num_tokens=64, vocab_size=512, hidden_size=32)
     add_expert_loss_head(model, weighting="phi", focal_gamma=2.0, cast_lm_head_to_fp32=False)

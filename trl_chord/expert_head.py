@@ -58,15 +58,17 @@ def _add_product(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor) ->
         accumulator.addmm_(a.to(accumulator.dtype), b.to(accumulator.dtype))
 
 
-def fp16_gradient_scale(weighting: str, largest_token_scale: float, vocab_size: int, focal_gamma: float) -> float:
+def fp16_gradient_scale(largest_coefficient: float) -> float:
     """
     Power of two that `d loss / d logit` is multiplied by before it is cast to fp16 (and divided by after the
-    products, exactly). `|d loss / d logit_v| = |p_v - 1[v = target]| * w * c <= w_max * c_max`, with `c` the token's
-    factor in the aggregated loss (`1 / N` for a token mean), so the scaled values stay below [`FP16_GRADIENT_PEAK`]
-    and the small ones keep fp16's precision, as a GradScaler's scale does for a plain head.
+    products, exactly). `|d loss / d logit_v| = |p_v - 1[v = target]| * w * c <= max(w * c)`, with `w` the token's
+    weight and `c` its factor in the aggregated loss (`1 / N` for a token mean): given a bound on `w * c`
+    (`largest_coefficient`), the scaled values stay below [`FP16_GRADIENT_PEAK`] and the small ones keep fp16's
+    precision, as a GradScaler's scale does for a plain head.
     """
-    bound = unnormalized_token_weight_bound(weighting, vocab_size, focal_gamma) * largest_token_scale
-    return 2.0 ** math.floor(math.log2(FP16_GRADIENT_PEAK / bound))
+    if not largest_coefficient > 0:
+        return 1.0
+    return 2.0 ** math.floor(math.log2(FP16_GRADIENT_PEAK / largest_coefficient))
 
 
 def _chunk_log_softmax(hidden_chunk, weight, bias, float_dtype):
@@ -130,10 +132,13 @@ class _WeightedNLLFunction(torch.autograd.Function):
         # The softmax and the gradient sums run in at least fp32
         float_dtype = torch.promote_types(compute_dtype, torch.float32)
         float_options = {"device": hidden.device, "dtype": float_dtype}
+        fp16_products = compute_dtype == torch.float16 and num_tokens > 0
         gradient_scale = 1.0
-        if compute_dtype == torch.float16 and num_tokens > 0:
-            largest_token_scale = token_scales.max().item()
-            gradient_scale = fp16_gradient_scale(weighting, largest_token_scale, weight.shape[0], focal_gamma)
+        if fp16_products and gradient_in_forward:
+            # The weights are not known before the chunks are: their bound sizes the scale (the micro-batch factor of
+            # "entropy" is applied after the products)
+            weight_bound = unnormalized_token_weight_bound(weighting, weight.shape[0], focal_gamma)
+            gradient_scale = fp16_gradient_scale(weight_bound * token_scales.max().item())
         grads = (None, None, None)
         if gradient_in_forward:
             grads = tuple(
@@ -176,7 +181,12 @@ class _WeightedNLLFunction(torch.autograd.Function):
                     grad.mul_(scale if index == 2 else scale / gradient_scale)
             ctx.save_for_backward(*grads)
         else:
-            ctx.save_for_backward(hidden, targets, weights * token_scales)
+            coefficients = weights * token_scales
+            if fp16_products:
+                # The backward multiplies by the final (e.g. mean-normalised) weights, which no bound caps: size the
+                # scale from the largest one
+                gradient_scale = fp16_gradient_scale(coefficients.max().item())
+            ctx.save_for_backward(hidden, targets, coefficients)
             # The head is kept by reference, not saved: under ZeRO-3 its data is gathered again in the backward
             ctx.head = (weight, bias)
             ctx.options = (compute_dtype, chunk_tokens, gradient_scale)
