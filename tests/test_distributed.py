@@ -285,3 +285,29 @@ def test_mu_one_steps_skip_generation_on_every_process_alike(tiny_model_dir, tmp
         assert len(rank["drawn"]) == 6  # the expert term runs on every micro-step
     if zero_stage is None:  # (ZeRO-3 gathers the full weights on rank 0 only)
         assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"] is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("requested", ["auto", "chunked"])
+def test_processes_whose_probes_disagree_take_the_same_head(tiny_model_dir, tmp_path, requested):
+    command = [
+        os.path.join(BIN, "torchrun"),
+        "--nproc_per_node",
+        "2",
+        os.path.join(os.path.dirname(__file__), "scripts", "head_agreement.py"),
+        "--model",
+        tiny_model_dir,
+        "--output",
+        str(tmp_path),
+        "--requested",
+        requested,
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    completed = run_bounded(command, env=env, timeout=300)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    if requested == "auto":
+        assert ranks[0]["path"] == ranks[1]["path"] == "trl_fused"
+    else:
+        assert all("chord_expert_head='chunked' would not compute" in rank["error"] for rank in ranks), ranks
+        assert "rank 1's borderline case" in ranks[1]["error"]

@@ -9,6 +9,7 @@ from trl_chord.expert_data import (
     ExpertMixtureSampler,
     ExpertSampler,
     collate_expert_batch,
+    is_empty_message,
     next_source,
     prepare_expert_dataset,
     tokenize_expert_example,
@@ -46,6 +47,28 @@ def test_messages_train_every_assistant_turn_and_nothing_else(tiny_tokenizer):
     ]
     out = tokenize_expert_example({"messages": messages}, 0, tiny_tokenizer, max_length=200)
     assert trained_text(tiny_tokenizer, out) == "XY<|im_end|>\nZW<|im_end|>\n"
+
+
+def test_an_empty_assistant_turn_is_not_trained_and_the_others_are(tiny_tokenizer):
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": ""},
+        {"role": "user", "content": "2+2="},
+        {"role": "assistant", "content": "4"},
+    ]
+    out = tokenize_expert_example({"messages": messages}, 0, tiny_tokenizer, max_length=200)
+    assert trained_text(tiny_tokenizer, out) == "4<|im_end|>\n"
+
+
+def test_a_message_is_empty_only_with_no_text_and_nothing_else_to_render():
+    assert is_empty_message({"role": "assistant", "content": ""})
+    assert is_empty_message({"role": "assistant", "content": None})
+    assert is_empty_message({"role": "assistant", "content": [{"type": "text", "text": " "}]})
+    assert not is_empty_message({"role": "assistant", "content": "4"})
+    assert not is_empty_message({"role": "assistant", "content": [{"type": "text", "text": "4"}]})
+    # A tool call's assistant turn often has no content: the call is what the template renders and the model learns
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 2}}}
+    assert not is_empty_message({"role": "assistant", "content": "", "tool_calls": [call]})
 
 
 def test_tools_column_as_json_reaches_the_chat_template(tiny_tokenizer):

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from trl_chord.expert_head import LMHeadProbe, add_expert_loss_head, weighted_expert_nll
+from trl_chord.expert_head import add_expert_loss_head, weighted_expert_nll
 from trl_chord.losses import TOKEN_WEIGHTINGS, expert_sft_loss, token_weights
 
 
@@ -97,10 +97,8 @@ def test_bf16_products_stay_close_to_fp32():
     torch.testing.assert_close(weight.grad, expected_weight_grad.float(), rtol=2e-2, atol=1e-3)
 
 
-def _expert_loss_and_grads(model, weighting, input_ids, labels, path=None):
-    add_expert_loss_head(model, weighting=weighting, focal_gamma=2.0, cast_lm_head_to_fp32=False)
-    if path is not None:
-        model.chord_lm_head_probe = LMHeadProbe(path, "set by the test")
+def _expert_loss_and_grads(model, weighting, input_ids, labels, path="auto"):
+    add_expert_loss_head(model, weighting=weighting, focal_gamma=2.0, cast_lm_head_to_fp32=False, head=path)
     out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels, chord_expert_loss=True)
     out.loss.backward()
     return out, {name: param.grad for name, param in model.named_parameters()}
@@ -122,7 +120,7 @@ def test_chunked_head_matches_the_other_heads_on_the_same_model(tiny_model_dir, 
     other = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     input_ids, labels = _expert_batch(chunked.config.vocab_size)
     chunked_out, chunked_grads = _expert_loss_and_grads(chunked, weighting, input_ids, labels)
-    assert chunked.chord_lm_head_probe.path == "chunked"
+    assert chunked.chord_expert_head.choice.path == "chunked"
     other_out, other_grads = _expert_loss_and_grads(other, weighting, input_ids, labels, path=path)
     for field in ("loss", "nll_sum", "prob_sum", "weight_sum", "num_tokens"):
         torch.testing.assert_close(chunked_out[field], other_out[field].to(chunked_out[field].dtype), msg=field)
@@ -392,8 +390,8 @@ def test_a_head_the_chunked_path_cannot_compute_falls_back_to_the_models_own_log
     oracle_model = copy.deepcopy(model)
     input_ids, labels = _expert_batch(model.config.vocab_size, seed=3)
     out, grads = _expert_loss_and_grads(model, "phi", input_ids, labels)
-    assert model.chord_lm_head_probe.path == "full_logits"
-    assert expected_reason in model.chord_lm_head_probe.reason
+    assert model.chord_expert_head.choice.path == "full_logits"
+    assert expected_reason in model.chord_expert_head.choice.reason
     expected, expected_grads = _own_expert_loss_and_grads(oracle_model, input_ids, labels)
     torch.testing.assert_close(out.loss, expected.loss)
     for name, grad in expected_grads.items():

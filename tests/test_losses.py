@@ -88,3 +88,20 @@ def test_weights_never_carry_a_gradient():
     oracle_logps = _logps(oracle, labels)
     (-(oracle_logps * logps.exp().detach() * mask).sum() / mask.sum()).backward()
     torch.testing.assert_close(logits.grad, oracle.grad)
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "phi", "is", "focal"])
+def test_masked_positions_contribute_nothing_even_at_minus_infinity(weighting):
+    # A padded position's log-probability may be -inf (e.g. computed under a -inf attention bias): it must count 0,
+    # as a masked sum does, not turn the loss into NaN
+    logits, labels, mask = _example(2)
+    logps = _logps(logits, labels)
+    with_inf = logps.masked_fill(mask == 0, float("-inf")).requires_grad_(True)
+    with_zero = logps.masked_fill(mask == 0, 0.0).requires_grad_(True)
+    out = expert_sft_loss(with_inf, mask, token_weights(weighting, with_inf, mask))
+    expected = expert_sft_loss(with_zero, mask, token_weights(weighting, with_zero, mask))
+    for field in ("loss", "nll_sum", "prob_sum", "weight_sum", "num_tokens"):
+        torch.testing.assert_close(out[field], expected[field], msg=field)
+    out.loss.backward()
+    expected.loss.backward()
+    torch.testing.assert_close(with_inf.grad, with_zero.grad)

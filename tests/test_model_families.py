@@ -117,7 +117,7 @@ def test_expert_loss_and_every_gradient_match_the_models_own_logits(family, grad
     expected, _ = own_expert_loss(oracle_model, *batch)
     expected.loss.backward()
 
-    assert model.chord_lm_head_probe.path == expected_head(family), model.chord_lm_head_probe
+    assert model.chord_expert_head.choice.path == expected_head(family), model.chord_expert_head.choice
     for field in ("loss", "nll_sum", "prob_sum", "weight_sum", "num_tokens"):
         torch.testing.assert_close(out[field], expected[field].to(out[field].dtype), msg=field)
     grads = {name: param.grad for name, param in model.named_parameters()}
@@ -262,7 +262,7 @@ def test_qlora_4bit_base_expert_loss_equals_its_own_logits_and_adapters_get_the_
     input_ids, attention_mask, labels = batch
     out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, chord_expert_loss=True)
     out.loss.backward()
-    assert model.get_base_model().chord_lm_head_probe.path == "chunked"  # the head itself is not quantized
+    assert model.get_base_model().chord_expert_head.choice.path == "chunked"  # the head itself is not quantized
     torch.testing.assert_close(out.loss, expected.loss)
     grads = lora_gradients(model)
     assert set(grads) == set(expected_grads) and len(grads) == 2 * 3 * 2  # A and B, 3 modules, 2 layers
@@ -281,7 +281,7 @@ def test_a_quantized_lm_head_is_detected_and_the_exact_fallback_is_taken(untied_
     with torch.no_grad():
         expected, _ = own_expert_loss(model, *batch)
         out = chord_expert_loss(model, *batch)
-    probe = model.chord_lm_head_probe
+    probe = model.chord_expert_head.choice
     assert probe.path == "full_logits" and "Linear8bitLt" in probe.reason, probe
     torch.testing.assert_close(out.loss, expected.loss)
     torch.testing.assert_close(out.nll_sum, expected.nll_sum)

@@ -254,3 +254,31 @@ def test_only_the_main_process_clears_an_old_metrics_file(tiny_model_dir, tmp_pa
     expert = write_jsonl(tmp_path / "experts.jsonl", sum_experts(range(4), lambda n: str(n + 1)))
     main(*parse_args(recipe_args(tiny_model_dir, tmp_path, "--chord_sft_dataset", expert, "--max_steps", "1")))
     assert (tmp_path / "run" / "metrics.jsonl").read_text().startswith(old_run)
+
+
+def test_one_reward_function_given_as_a_yaml_string_loads(tmp_path):
+    from trl_chord.recipes.chord import resolve_reward_funcs
+    from trl_chord.rewards import math_accuracy_reward
+
+    config = tmp_path / "run.yaml"
+    config.write_text("reward_funcs: math_accuracy_reward\noutput_dir: unused\nuse_cpu: true\nbf16: false\n")
+    script_args, _, _ = parse_args(["--config", str(config)])
+    assert resolve_reward_funcs(script_args.reward_funcs) == [math_accuracy_reward]
+
+
+def test_an_unnamed_expert_folder_with_an_equals_sign_loads_as_one_source(tmp_path):
+    from datasets import Dataset
+
+    from trl_chord.recipes.chord import load_expert_sources, split_source_name
+
+    folder = tmp_path / "experts" / "split=train"  # a Hive-style partition folder
+    folder.mkdir(parents=True)
+    Dataset.from_list(sum_experts([1, 2], str)).to_parquet(str(folder / "part-0.parquet"))
+    Dataset.from_list(sum_experts([3], str)).to_parquet(str(folder / "part-1.parquet"))
+    experts = load_expert_sources([str(folder)], None, "train")
+    assert isinstance(experts, Dataset) and len(experts) == 3
+    # Named sources keep working, paths with `=` included
+    named = load_expert_sources([f"sums={folder}", f"more={folder}/part-1.parquet"], None, "train")
+    assert {name: len(data) for name, data in named.items()} == {"sums": 3, "more": 1}
+    assert split_source_name("org/data=v2") == (None, "org/data=v2")
+    assert split_source_name("math=org/data") == ("math", "org/data")

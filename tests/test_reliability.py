@@ -145,6 +145,17 @@ SKIPPED_ROWS = [
         {"prompt": [{"role": "user", "content": "a"}], "completion": []},
         "1 with empty completion",
     ),
+    (
+        "empty assistant content",
+        {"prompt": [{"role": "user", "content": "a"}], "completion": [{"role": "assistant", "content": ""}]},
+        "1 with empty completion",
+    ),
+    ("whitespace completion", {"prompt": "1+1=", "completion": " \n"}, "1 with empty completion"),
+    (
+        "empty assistant turns",
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "  "}]},
+        "1 with empty completion",
+    ),
 ]
 
 

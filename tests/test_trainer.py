@@ -21,7 +21,7 @@ from helpers import (
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
 
-from trl_chord import ChordTrainer, chord_mu
+from trl_chord import ChordConfig, ChordTrainer, chord_mu
 from trl_chord.checkpoints import CHORD_STATE_NAME
 
 
@@ -339,9 +339,47 @@ def test_bad_config_values(tmp_path, overrides, message):
         chord_config(tmp_path, **overrides)
 
 
-def test_grpo_config_is_refused(tiny_model_dir, tmp_path):
-    with pytest.raises(TypeError, match="must be a `ChordConfig`"):
-        make_trainer(tiny_model_dir, GRPOConfig(output_dir=str(tmp_path), **COMMON_ARGS), make_expert_dataset())
+def test_grpo_config_is_refused_with_a_conversion_that_works(tiny_model_dir, tmp_path):
+    grpo_config = GRPOConfig(output_dir=str(tmp_path), **{**COMMON_ARGS, "gradient_accumulation_steps": 2})
+    with pytest.raises(TypeError, match="must be a `ChordConfig`") as refusal:
+        make_trainer(tiny_model_dir, grpo_config, make_expert_dataset())
+    # The conversion the message gives, run as written
+    assert "ChordConfig.from_grpo_config(grpo_config, chord_...=...)" in str(refusal.value)
+    converted = ChordConfig.from_grpo_config(grpo_config, chord_mu_valley=0.3)
+    assert converted.chord_mu_valley == 0.3
+    chord_options = {name for name in converted.to_dict() if name.startswith("chord_")}
+    assert {k: v for k, v in converted.to_dict().items() if k not in chord_options} == grpo_config.to_dict()
+    make_trainer(tiny_model_dir, converted, make_expert_dataset())
+
+
+def test_a_dataset_dict_is_refused_naming_its_splits(tiny_model_dir, tmp_path):
+    from datasets import DatasetDict
+
+    splits = DatasetDict({"train": make_expert_dataset(), "test": make_expert_dataset(4)})
+    with pytest.raises(ValueError, match=r"a `DatasetDict` with the splits \['train', 'test'\]"):
+        make_trainer(tiny_model_dir, chord_config(tmp_path), splits)
+    # A plain dict of named datasets is a mixture of sources, on purpose
+    trainer = make_trainer(tiny_model_dir, chord_config(tmp_path), dict(splits))
+    assert trainer.expert_source_names == ["train", "test"]
+
+
+def test_a_mu_zero_baseline_keeps_its_mixture_config_and_warns(tiny_model_dir, tmp_path, caplog):
+    args = chord_config(tmp_path, chord_mu_peak=0.0, chord_mu_valley=0.0, chord_sft_dataset_proportions={"a": 1})
+    with caplog.at_level(logging.WARNING):
+        trainer = make_trainer(tiny_model_dir, args, make_expert_dataset())
+    assert "mu is 0 at every step" in caplog.text and trainer.expert_dataset is None
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        make_trainer(tiny_model_dir, args)
+    assert "`chord_sft_dataset_proportions` is never used" in caplog.text
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch", "lomo", "galore_adamw_layerwise", "apollo_adamw_layerwise"])
+def test_optimizers_that_step_inside_the_backward_get_one_joint_backward(tiny_model_dir, tmp_path, optim):
+    # Layer-wise GaLore and APOLLO step each parameter from a hook on its gradient, as LOMO does: a separate expert
+    # backward would be a separate optimizer step on the expert gradient alone
+    trainer = make_trainer(tiny_model_dir, chord_config(tmp_path, optim=optim), make_expert_dataset())
+    assert trainer.backward_expert_term_first == (optim == "adamw_torch")
 
 
 def test_missing_expert_dataset(tiny_model_dir, tmp_path):

@@ -165,7 +165,7 @@ def test_vlm_expert_loss_and_every_gradient_match_the_models_own_logits(family, 
     expected, num_tokens = oracle_expert_loss(oracle_model, processor, expert_rows)
     expected.backward()
 
-    assert model.chord_lm_head_probe.path == VLM_FAMILIES[family][1], model.chord_lm_head_probe
+    assert model.chord_expert_head.choice.path == VLM_FAMILIES[family][1], model.chord_expert_head.choice
     assert out.num_tokens.item() == num_tokens
     torch.testing.assert_close(out.loss, expected)
     checked = assert_same_gradients(model, oracle_model)
@@ -207,7 +207,7 @@ def test_vlm_lora_on_the_language_model_gets_the_gradient_of_the_models_own_logi
     )
     out.loss.backward()
 
-    assert model.get_base_model().chord_lm_head_probe.path == "chunked"
+    assert model.get_base_model().chord_expert_head.choice.path == "chunked"
     torch.testing.assert_close(out.loss, expected)
     assert len(expected_grads) == 2 * 2 * 2  # A and B, 2 modules, 2 layers
     for name, grad in expected_grads.items():

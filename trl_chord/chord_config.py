@@ -1,8 +1,9 @@
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from trl import GRPOConfig
 
+from .expert_head import EXPERT_HEADS
 from .losses import SFT_LOSS_AGGREGATIONS, TOKEN_WEIGHTINGS
 
 
@@ -68,6 +69,12 @@ class ChordConfig(GRPOConfig):
         chord_sft_max_length (`int`, *optional*, defaults to `1024`):
             Maximum length in tokens of an expert example (prompt and completion together). Longer examples are cut
             at the end of the completion; an example whose completion is cut away entirely is skipped and counted.
+        chord_expert_head (`str`, *optional*, defaults to `"auto"`):
+            The LM head of the expert term. `"auto"`: the cheapest exact one, found once by probing the model (the
+            chunked head where the logits are `lm_head(last_hidden_state)`, TRL's fused head where the model scales
+            or caps them as TRL knows how, else the model's own full logits); logged once, the same on every process.
+            `"chunked"`, `"trl_fused"`: that head, refused with an error where the probe finds it inexact.
+            `"full_logits"`: the model's own logits (exact by construction, costlier in memory; no probe).
     """
 
     chord_mu_peak: float = field(
@@ -147,6 +154,29 @@ class ChordConfig(GRPOConfig):
         },
     )
 
+    chord_expert_head: str = field(
+        default="auto",
+        metadata={
+            "help": "LM head of the expert term: auto (the cheapest exact one, found by probing the model), chunked, "
+            "trl_fused (refused where inexact) or full_logits (the model's own logits, always exact).",
+            "choices": list(EXPERT_HEADS),
+        },
+    )
+
+    @classmethod
+    def from_grpo_config(cls, grpo_config: GRPOConfig, **chord_options) -> "ChordConfig":
+        """
+        A `ChordConfig` with every option of `grpo_config` and the given `chord_*` ones: for a script that builds a
+        `GRPOConfig`. (`generation_batch_size` is left out: `GRPOConfig` derives it from `steps_per_generation`, which
+        is kept, and refuses both.)
+        """
+        options = {
+            spec.name: getattr(grpo_config, spec.name)
+            for spec in fields(GRPOConfig)
+            if spec.init and spec.name != "generation_batch_size"
+        }
+        return cls(**options, **chord_options)
+
     def __post_init__(self):
         for name in ("chord_mu_peak", "chord_mu_valley"):
             value = getattr(self, name)
@@ -189,6 +219,8 @@ class ChordConfig(GRPOConfig):
                 f"`chord_sft_loss_agg_mode` must be one of {SFT_LOSS_AGGREGATIONS}, got "
                 f"{self.chord_sft_loss_agg_mode!r}."
             )
+        if self.chord_expert_head not in EXPERT_HEADS:
+            raise ValueError(f"`chord_expert_head` must be one of {EXPERT_HEADS}, got {self.chord_expert_head!r}.")
         if self.chord_focal_gamma < 0:
             raise ValueError(f"`chord_focal_gamma` must be >= 0, got {self.chord_focal_gamma}.")
         if self.chord_token_weighting is None:

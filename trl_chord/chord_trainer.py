@@ -5,7 +5,7 @@ import textwrap
 
 import torch
 from accelerate.utils import DistributedType, is_peft_model
-from datasets import concatenate_datasets
+from datasets import DatasetDict, IterableDatasetDict, concatenate_datasets
 from transformers import ProcessorMixin
 from transformers.training_args import OptimizerNames
 from transformers.utils import logging
@@ -21,12 +21,27 @@ from .expert_data import (
     collate_expert_images,
     prepare_expert_dataset,
 )
-from .expert_head import add_expert_loss_head
+from .expert_head import LMHeadProbe, add_expert_loss_head
 from .losses import ExpertLossOutput
 from .schedule import chord_mu_is_ever_positive
 
 
 logger = logging.get_logger(__name__)
+
+
+def expert_backward_runs_first(distributed_type: DistributedType, optim: str) -> bool:
+    """
+    Whether the expert term is backpropagated on its own, before the GRPO forward: that frees its graph and folds its
+    gradient into `.grad` before the GRPO graph exists, so the step's peak memory is that of the larger term. Not
+    under DeepSpeed or FSDP, which own the backward (one per micro-step), nor with optimizers that step inside the
+    backward (LOMO, AdaLOMO and the `*_layerwise` GaLore and APOLLO ones, which step each parameter from a hook on its
+    gradient): a second backward would be a second optimizer step, on the expert gradient alone. There the two terms
+    share one backward.
+    """
+    steps_in_backward = optim in (OptimizerNames.LOMO, OptimizerNames.ADALOMO) or getattr(
+        optim, "value", optim
+    ).endswith("layerwise")
+    return distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP) and not steps_in_backward
 
 
 class ChordTrainer(GRPOTrainer):
@@ -83,7 +98,13 @@ class ChordTrainer(GRPOTrainer):
             raise TypeError(
                 "`args` must be a `ChordConfig` (a `GRPOConfig` with the chord_* options), got "
                 f"{type(args).__name__}. "
-                "Build it with `ChordConfig(**grpo_config.to_dict(), chord_...=...)`."
+                "Build it with `ChordConfig.from_grpo_config(grpo_config, chord_...=...)`."
+            )
+        if isinstance(expert_dataset, (DatasetDict, IterableDatasetDict)):
+            raise ValueError(
+                f"`expert_dataset` is a `DatasetDict` with the splits {list(expert_dataset)}, not one dataset: pick "
+                "the split of expert demonstrations (`load_dataset(..., split='train')` or `dataset_dict['train']`). "
+                "To mix several datasets as sources on purpose, pass a plain dict, `{name: Dataset, ...}`."
             )
         if args.chord_mu_schedule == "adaptive":
             mu_ever_positive = args.chord_adaptive_mu_tau > 0
@@ -100,10 +121,11 @@ class ChordTrainer(GRPOTrainer):
                 f"The CHORD schedule gives mu > 0 at some step ({schedule}), but no `expert_dataset` was given. Pass "
                 "`expert_dataset=...`, or set chord_mu_peak=chord_mu_valley=0 for plain GRPO."
             )
-        if not mu_ever_positive and expert_dataset is not None:
+        if not mu_ever_positive and (expert_dataset is not None or args.chord_sft_dataset_proportions is not None):
+            unused = "the `expert_dataset`" if expert_dataset is not None else "`chord_sft_dataset_proportions`"
             logger.warning(
-                "mu is 0 at every step (chord_mu_peak and chord_mu_valley are 0), so the `expert_dataset` is never "
-                "used and this run is plain GRPO."
+                f"mu is 0 at every step (chord_mu_peak and chord_mu_valley are 0), so {unused} is never used and "
+                "this run is plain GRPO."
             )
             expert_dataset = None
 
@@ -125,7 +147,11 @@ class ChordTrainer(GRPOTrainer):
         self.expert_dataset = None
         self.expert_sampler = None
         self.expert_source_names = None
-        if args.chord_sft_dataset_proportions is not None and not isinstance(expert_dataset, dict):
+        if (
+            mu_ever_positive
+            and args.chord_sft_dataset_proportions is not None
+            and not isinstance(expert_dataset, dict)
+        ):
             raise ValueError(
                 "`chord_sft_dataset_proportions` is set, but `expert_dataset` is not a dict of named datasets: give "
                 "`expert_dataset={name: dataset, ...}` with the names the proportions use."
@@ -155,20 +181,21 @@ class ChordTrainer(GRPOTrainer):
                 cast_lm_head_to_fp32=args.cast_lm_head_to_fp32,
                 aggregation=args.chord_sft_loss_agg_mode,
                 norm_length=args.chord_sft_max_length,
+                head=args.chord_expert_head,
             )
-        # Backpropagating the expert term before the GRPO forward frees its graph and folds its gradient into `.grad`
-        # before the GRPO graph exists: the step's peak memory is that of the larger term, not of both plus a second
-        # copy of the gradients. DeepSpeed and FSDP own the backward (one per micro-step), and LOMO updates the
-        # weights inside it, so there the two terms share one backward.
-        self.backward_expert_term_first = self.accelerator.distributed_type not in (
-            DistributedType.DEEPSPEED,
-            DistributedType.FSDP,
-        ) and args.optim not in (OptimizerNames.LOMO, OptimizerNames.ADALOMO)
+        self.backward_expert_term_first = expert_backward_runs_first(self.accelerator.distributed_type, args.optim)
 
     @property
     def chord_mu(self) -> float:
         """Weight of the SFT term for the current optimizer step."""
         return self.mu_callback.mu
+
+    @property
+    def chord_expert_head(self) -> LMHeadProbe | None:
+        """The LM head the expert term uses and why; `None` until the first expert forward chooses it."""
+        model = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        head = getattr(model, "chord_expert_head", None)
+        return None if head is None else head.choice
 
     def _prepare_expert_sources(self, sources: dict, args: ChordConfig) -> None:
         """Tokenize several named expert datasets into one, and mix them with an [`ExpertMixtureSampler`]."""

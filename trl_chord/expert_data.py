@@ -64,6 +64,19 @@ def _check_messages(messages: Any, column: str, index: int) -> None:
         )
 
 
+def is_empty_message(message: dict[str, Any]) -> bool:
+    """
+    A message with nothing to train on: no text (an empty or whitespace-only content, or content blocks with none)
+    and nothing else for the chat template to render (tool calls, reasoning). Trained, it would teach the end-of-turn
+    tokens alone.
+    """
+    content = message.get("content")
+    if isinstance(content, list):
+        content = "".join(str(part.get("text") or "") for part in content if isinstance(part, dict))
+    has_other_fields = any(value for key, value in message.items() if key not in ("role", "content"))
+    return not str(content or "").strip() and not has_other_fields
+
+
 def example_is_conversational(example: dict[str, Any], index: int) -> bool:
     """Whether an expert example is conversational; a clear error for columns of the wrong type."""
     if "prompt" in example and "completion" in example:
@@ -237,7 +250,7 @@ def tokenize_expert_example(
             input_ids = encode(messages)
             completion_mask = [0] * len(input_ids)
             for turn, message in enumerate(messages):
-                if message.get("role") != "assistant":
+                if message.get("role") != "assistant" or is_empty_message(message):
                     continue
                 start = common_prefix_length(encode(messages[:turn], add_generation_prompt=True), input_ids)
                 end = common_prefix_length(encode(messages[: turn + 1]), input_ids)
@@ -262,7 +275,12 @@ def tokenize_expert_example(
         ]
 
     # The first token has no prediction, so it never counts as a trained token
-    has_completion = any(completion_mask[1:])
+    if conversational and not messages_format:
+        has_completion = not all(is_empty_message(message) for message in example["completion"])
+    elif conversational:
+        has_completion = any(completion_mask[1:])
+    else:
+        has_completion = bool(example["completion"].strip())
     image_cut = image_token_id is not None and image_token_id in input_ids[max_length:]
     input_ids, completion_mask = input_ids[:max_length], completion_mask[:max_length]
     if messages_format and not any(message["role"] == "assistant" for message in example["messages"]):

@@ -13,9 +13,11 @@ Which head a model gets is decided once, from the model itself (`probe_lm_head`)
   and its full logits, exact by construction and costlier in memory.
 """
 
+import copy
 import functools
 import math
 import types
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -46,6 +48,8 @@ FP16_GRADIENT_PEAK = 2.0**14
 # Magnitude of the logits the probe makes the model produce: transforms such as softcapping show at this size
 PROBE_LOGIT_MAGNITUDE = 50.0
 PROBE_TOKENS = 8
+# Vocabulary rows the probe multiplies at once in float64 (8 tokens x 64k rows: 4 MiB)
+PROBE_VOCAB_CHUNK = 1 << 16
 
 
 def _add_product(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -318,6 +322,8 @@ def full_tensor_with_averaged_gradient(tensor: DTensor) -> torch.Tensor:
 
 
 HEAD_PATHS = ("chunked", "trl_fused", "full_logits")
+# The values of `ChordConfig.chord_expert_head`: the probe's choice, or one of the heads, checked to be exact
+EXPERT_HEADS = ("auto", *HEAD_PATHS)
 
 
 @dataclass
@@ -326,6 +332,36 @@ class LMHeadProbe:
 
     path: str
     reason: str
+
+
+@dataclass
+class ExpertHead:
+    """
+    Everything the expert forward of a model needs, kept on the model as `model.chord_expert_head` (no closure holds
+    any of it): the expert term's settings, the forwards it calls, and the LM head chosen for it.
+
+    Attributes:
+        weighting, focal_gamma, aggregation, norm_length, cast_lm_head_to_fp32:
+            As in [`add_expert_loss_head`].
+        requested (`str`):
+            `chord_expert_head`: `"auto"` (the probe chooses) or one of [`HEAD_PATHS`] (the probe checks it).
+        forward_without_head (`Callable`):
+            The forward the model had before [`add_expert_loss_head`]: every call but an expert one goes to it.
+        trl_head_forward (`Callable`):
+            The same forward with TRL's fused LM head at temperature 1 (`fused_lm_head=True`).
+        choice ([`LMHeadProbe`], *optional*):
+            The head in use and why, set by the first expert call ([`choose_lm_head`]).
+    """
+
+    weighting: str
+    focal_gamma: float
+    cast_lm_head_to_fp32: bool
+    aggregation: str
+    norm_length: int | None
+    requested: str
+    forward_without_head: Callable
+    trl_head_forward: Callable
+    choice: LMHeadProbe | None = None
 
 
 def _is_plain_weight(tensor) -> bool:
@@ -375,36 +411,65 @@ def _with_last_hidden_state(output, hidden_states):
     return (hidden_states, *output[1:])
 
 
-def probe_token_ids(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """
-    The `(1, n)` token ids the probe runs on: the first [`PROBE_TOKENS`] attended tokens of the first row, leaving out
-    image and video placeholders (`config.image_token_id`, `video_token_id`), so that the probe needs no image inputs:
-    the head is applied to text tokens as to any other.
-    """
-    keep = attention_mask[0].bool()
-    for name in ("image_token_id", "video_token_id"):
-        placeholder = getattr(model.config, name, None)
-        if placeholder is not None:
-            keep &= input_ids[0] != placeholder
-    return input_ids[0][keep][:PROBE_TOKENS].unsqueeze(0)
+def _special_token_ids(config: dict) -> set[int]:
+    """Every id a (nested) config names as a special token (`*_token_id`, `*_token_index`, `*_token_ids`)."""
+    ids = set()
+    for name, value in config.items():
+        if isinstance(value, dict):
+            ids |= _special_token_ids(value)
+        elif isinstance(name, str) and name.endswith(("_token_id", "_token_index", "_token_ids")):
+            values = value if isinstance(value, (list, tuple)) else [value]
+            ids |= {item for item in values if isinstance(item, int)}
+    return ids
 
 
-@torch.no_grad()
-def probe_lm_head(model: PreTrainedModel, original_forward, trl_head_forward, input_ids) -> LMHeadProbe:
+def probe_token_ids(model: PreTrainedModel) -> torch.Tensor:
     """
-    Find out, by running the model on a few tokens (`input_ids`, shape `(1, n)`: [`probe_token_ids`]), whether its
-    logits are exactly `lm_head(last_hidden_state)` with a plain linear head (`"chunked"`), else whether TRL's fused
-    head reproduces them (`"trl_fused"`), else `"full_logits"`.
+    The `(1, n)` token ids the probe runs on: the [`PROBE_TOKENS`] smallest ids that the config names as no special
+    token, so that the probe needs no image inputs (no image or video placeholder among them) and is the same on
+    every process and in every run, whatever the data.
+    """
+    special = _special_token_ids(model.config.to_dict())
+    vocab_size = model.config.get_text_config().vocab_size
+    ids = [token for token in range(vocab_size) if token not in special][:PROBE_TOKENS]
+    return torch.tensor([ids], device=model.get_input_embeddings().weight.device)
 
-    The first test replaces the head's output by known values of magnitude [`PROBE_LOGIT_MAGNITUDE`] and checks that
-    the model returns them unchanged and that the head's input is the backbone's output: any scaling, capping or
-    other transform before or after the head shows, whatever it is called in the config. The second scales the
-    backbone's output so that the logits are that large, and compares TRL's log-probabilities with the model's.
+
+@contextmanager
+def _probing(device: torch.device):
     """
-    backbone, lm_head = language_backbone(model), model.get_output_embeddings()
-    if backbone is model or lm_head is None:
-        return LMHeadProbe("full_logits", "the model has no separate backbone and LM head")
-    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "use_cache": False}
+    The probe's conditions: no gradients, and the RNG left as it was found, so that a run with the probe draws the
+    same dropout masks as one without it. (The modules keep their train or eval mode: bitsandbytes repacks a 4-bit
+    weight for inference, for good, on its first eval-mode forward on a CPU. Dropout cannot change what the probe
+    finds: each check compares values within one forward, or replaces the backbone's output.)
+    """
+    rng_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices), torch.no_grad():
+        yield
+
+
+def _plain_head_problem(lm_head: torch.nn.Module) -> str | None:
+    """Why the LM head is not a plain `nn.Linear` with plain floating-point weights (which both the chunked head and
+    TRL's multiply directly), or `None`."""
+    plain = (
+        isinstance(lm_head, torch.nn.Linear)
+        # FSDP's wrapper class is fine, a quantized Linear is not
+        and type(lm_head).forward is torch.nn.Linear.forward
+        and _is_plain_weight(lm_head.weight)
+        and _is_plain_weight(lm_head.bias)
+    )
+    if plain:
+        return None
+    return f"the LM head is a {type(lm_head).__name__} whose weight is not a plain floating-point tensor"
+
+
+def _logit_transform_problem(forward_without_head, inputs, backbone, lm_head) -> str | None:
+    """
+    Why the logits are not exactly `lm_head(last_hidden_state)`, or `None`: the head's output is replaced by known
+    values of magnitude [`PROBE_LOGIT_MAGNITUDE`], which the model must return unchanged, and the head's input must be
+    the backbone's output. Any scaling, capping or other transform before or after the head shows, whatever it is
+    called in the config.
+    """
     seen = {}
 
     def capture_backbone(module, args, output):
@@ -413,58 +478,212 @@ def probe_lm_head(model: PreTrainedModel, original_forward, trl_head_forward, in
     def capture_head_input(module, args):
         seen["head_input"] = args[0]
 
-    with _hooked(backbone, forward_hook=capture_backbone), _hooked(lm_head, forward_pre_hook=capture_head_input):
-        logits = original_forward(**inputs).logits
-    head_input, backbone_output = seen["head_input"], seen["backbone"]
-    largest_logit = logits.detach().float().abs().max().clamp(min=1e-6)
-
     def known_logits(module, args, output):
         generator = torch.Generator(device="cpu").manual_seed(0)
         values = (torch.rand(output.shape, generator=generator) * 2 - 1) * PROBE_LOGIT_MAGNITUDE
         seen["known"] = values.to(device=output.device, dtype=output.dtype)
         return seen["known"]
 
+    with _hooked(backbone, forward_hook=capture_backbone), _hooked(lm_head, forward_pre_hook=capture_head_input):
+        forward_without_head(**inputs)
     with _hooked(lm_head, forward_hook=known_logits):
-        returned = original_forward(**inputs).logits
-    transform = None
+        returned = forward_without_head(**inputs).logits
     if not torch.equal(returned.float(), seen["known"].float()):
-        transform = "the model transforms the LM head's output (scaling or capping its logits)"
-    elif head_input.shape != backbone_output.shape or not torch.equal(head_input, backbone_output):
-        transform = "the LM head's input is not the backbone's last hidden state"
-    plain_head = (
-        isinstance(lm_head, torch.nn.Linear)
-        and type(lm_head).forward is torch.nn.Linear.forward  # FSDP's wrapper class is fine, a quantized Linear is not
-        and _is_plain_weight(lm_head.weight)
-        and _is_plain_weight(lm_head.bias)
-    )
-    if transform is None and plain_head:
+        return "the model transforms the LM head's output (scaling or capping its logits)"
+    head_input, backbone_output = seen["head_input"], seen["backbone"]
+    if head_input.shape != backbone_output.shape or not torch.equal(head_input, backbone_output):
+        return "the LM head's input is not the backbone's last hidden state"
+    return None
+
+
+def _trl_log_probs_problem(forward_without_head, trl_head_forward, inputs, backbone, lm_head) -> str | None:
+    """
+    Why TRL's fused head does not give the model's log-probabilities, or `None` where it does.
+
+    The backbone's output is replaced by scaled one-hot rows (token `t` gets `c * e_j(t)`, `c` a power of two), so
+    that the head's products are exact in any dtype and the logits reach magnitude [`PROBE_LOGIT_MAGNITUDE`], where
+    softcapping and scaling show. The model's head output is handed on in fp32, so that its transforms run in fp32 as
+    TRL's do. The two are compared at each position's least likely token, where a wrong transform moves the
+    log-probability most.
+    """
+    num_tokens = inputs["input_ids"].shape[1]
+    seen = {"scale": 1.0}
+
+    def one_hot_rows(module, args, output):
+        hidden = _last_hidden_state(output)
+        columns = torch.arange(num_tokens, device=hidden.device) * hidden.shape[-1] // num_tokens
+        rows = torch.zeros_like(hidden)
+        rows[0, torch.arange(num_tokens, device=hidden.device), columns] = seen["scale"]
+        return _with_last_hidden_state(output, rows)
+
+    def head_output_in_fp32(module, args, output):
+        seen["largest_logit"] = output.detach().abs().max().item()
+        seen["head_dtype"] = output.dtype
+        return output.to(torch.promote_types(output.dtype, torch.float32))
+
+    with _hooked(backbone, forward_hook=one_hot_rows), _hooked(lm_head, forward_hook=head_output_in_fp32):
+        forward_without_head(**inputs)
+    if not seen["largest_logit"] > 0:
+        return "the probe could not size its logits (the LM head's columns are 0)"
+    seen["scale"] = 2.0 ** math.floor(math.log2(PROBE_LOGIT_MAGNITUDE / seen["largest_logit"]))
+    with _hooked(backbone, forward_hook=one_hot_rows), _hooked(lm_head, forward_hook=head_output_in_fp32):
+        logits = forward_without_head(**inputs).logits[:, :-1].double()
+    labels = inputs["input_ids"].clone()
+    labels[:, 1:] = logits.argmin(-1)
+    expected = logits.log_softmax(-1).gather(-1, labels[:, 1:, None]).squeeze(-1)
+    try:
+        with _hooked(backbone, forward_hook=one_hot_rows):
+            trl_log_probs = trl_head_forward(**inputs, labels=labels, fused_lm_head=True).log_probs
+    except Exception as error:  # a head TRL cannot read fails here rather than in training
+        return f"TRL's fused head fails on it ({type(error).__name__}: {error})"
+    # Two roundings of the logits in the head's dtype (under bf16 autocast the model rounds an fp32 weight to bf16,
+    # TRL multiplies it in fp32): a transform TRL gets 2% wrong moves these log-probabilities about twice as far
+    tolerance = 1e-3 + 2 * torch.finfo(seen["head_dtype"]).eps * logits.abs().max().item()
+    difference = (trl_log_probs.double().to(expected.device) - expected).abs().max().item()
+    if difference > tolerance:
+        return (
+            f"TRL's fused head does not reproduce its log-probabilities ({difference:.3g} nats apart on the probe's "
+            f"logits, more than the {tolerance:.2g} that rounding allows)"
+        )
+    return None
+
+
+@torch.compiler.disable
+def probe_lm_head(model: PreTrainedModel, forward_without_head, trl_head_forward, paths=HEAD_PATHS) -> dict:
+    """
+    Why each expert head of `paths` would be inexact for `model` (`None`: it is exact), found by running the model on
+    a few fixed tokens ([`probe_token_ids`]) with the RNG left as found ([`_probing`]), outside `torch.compile`:
+
+    - `"chunked"` needs logits that are exactly `lm_head(last_hidden_state)` ([`_logit_transform_problem`]) and a plain
+      `nn.Linear` head;
+    - `"trl_fused"` needs a plain `nn.Linear` head whose logits TRL's fused head transforms as the model does
+      ([`_trl_log_probs_problem`]);
+    - `"full_logits"`, the model's own forward, is exact by construction.
+
+    The result depends on the model's weights and code only: not on the data, train or eval mode, dropout, the RNG
+    or the process.
+    """
+    problems = {"full_logits": None}
+    backbone, lm_head = language_backbone(model), model.get_output_embeddings()
+    if backbone is model or lm_head is None:
+        reason = "the model has no separate backbone and LM head"
+        return {**problems, "chunked": reason, "trl_fused": reason}
+    head_problem = _plain_head_problem(lm_head)
+    input_ids = probe_token_ids(model)
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "use_cache": False}
+    with _probing(input_ids.device):
+        if "chunked" in paths:
+            transform = _logit_transform_problem(forward_without_head, inputs, backbone, lm_head)
+            problems["chunked"] = transform or head_problem
+        if "trl_fused" in paths:
+            problems["trl_fused"] = head_problem or _trl_log_probs_problem(
+                forward_without_head, trl_head_forward, inputs, backbone, lm_head
+            )
+    return problems
+
+
+def pick_lm_head(problems: dict, requested: str = "auto") -> LMHeadProbe:
+    """
+    The head for `requested` ([`EXPERT_HEADS`]) given the probe's `problems` ([`probe_lm_head`]): with `"auto"`, the
+    first exact one of `"chunked"`, `"trl_fused"`, `"full_logits"` (cheapest first). A requested head that is not
+    exact is refused with a `ValueError` saying why.
+    """
+    if requested != "auto":
+        if problems.get(requested) is not None:
+            raise ValueError(
+                f"chord_expert_head={requested!r} would not compute this model's expert loss exactly: "
+                f"{problems[requested]}. Use chord_expert_head='auto' (the exact head the probe finds) or "
+                "'full_logits' (the model's own logits, always exact)."
+            )
+        return LMHeadProbe(requested, "set by chord_expert_head" + ("" if requested == "full_logits" else ", exact"))
+    if problems["chunked"] is None:
         return LMHeadProbe("chunked", "the logits are exactly lm_head(last_hidden_state) with a plain linear head")
-    reason = (
-        transform or f"the LM head is a {type(lm_head).__name__} whose weight is not a plain floating-point tensor"
-    )
+    if problems["trl_fused"] is None:
+        reason = f"{problems['chunked']}, and TRL's fused head reproduces its log-probabilities"
+        return LMHeadProbe("trl_fused", reason)
+    return LMHeadProbe("full_logits", f"{problems['chunked']}; {problems['trl_fused']}")
 
-    if trl_head_forward is not None:
-        # The backbone's output, scaled so that the logits are large enough for any transform to show
-        factor = PROBE_LOGIT_MAGNITUDE / largest_logit
 
-        def enlarge(module, args, output):
-            return _with_last_hidden_state(output, _last_hidden_state(output) * factor.to(output[0].dtype))
+def _agreed_across_processes(choice: LMHeadProbe, device: torch.device) -> LMHeadProbe:
+    """
+    The same head on every process: the costliest any process chose (all probe the same tokens with the same
+    weights, so they agree; this makes it certain, and every process then runs the same collectives).
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return choice
+    if torch.distributed.get_world_size() == 1:
+        return choice
+    index = torch.tensor([HEAD_PATHS.index(choice.path)], device=device)
+    torch.distributed.all_reduce(index, op=torch.distributed.ReduceOp.MAX)
+    agreed = HEAD_PATHS[int(index.item())]
+    if agreed == choice.path:
+        return choice
+    return LMHeadProbe(agreed, f"another process's probe ruled out the {choice.path} head ({choice.reason} here)")
 
-        labels = inputs["input_ids"]
+
+def choose_lm_head(model: PreTrainedModel, head: ExpertHead) -> LMHeadProbe:
+    """
+    The expert term's head for `model`, chosen once (at its first expert call): probed ([`probe_lm_head`]) unless
+    `head.requested` is `"full_logits"`, the same on every process (a refusal too), logged once.
+    """
+    lm_head = model.get_output_embeddings()
+    device = lm_head.weight.device if lm_head is not None else torch.device("cpu")
+    if head.requested == "full_logits":
+        choice = pick_lm_head({"full_logits": None}, "full_logits")
+    else:
+        first = ("chunked",) if head.requested == "auto" else (head.requested,)
+        problems = probe_lm_head(model, head.forward_without_head, head.trl_head_forward, first)
+        if head.requested == "auto" and problems["chunked"] is not None:
+            problems.update(probe_lm_head(model, head.forward_without_head, head.trl_head_forward, ("trl_fused",)))
         try:
-            with _hooked(backbone, forward_hook=enlarge):
-                model_log_probs = original_forward(**inputs).logits[:, :-1].float().log_softmax(-1)
-                expected = model_log_probs.gather(-1, labels[:, 1:, None]).squeeze(-1)
-                trl_log_probs = trl_head_forward(**inputs, labels=labels, fused_lm_head=True).log_probs
-        except Exception as error:  # a head TRL cannot read (e.g. quantized) fails here rather than in training
-            trl_log_probs, reason = None, f"{reason}; TRL's fused head fails on it ({type(error).__name__}: {error})"
-        if trl_log_probs is not None:
-            # A few roundings of logits of that size apart; the transforms models use move them by far more
-            tolerance = max(8 * torch.finfo(logits.dtype).eps * PROBE_LOGIT_MAGNITUDE, 1e-3)
-            if torch.allclose(trl_log_probs.float(), expected, rtol=0, atol=tolerance):
-                return LMHeadProbe("trl_fused", f"{reason}, and TRL's fused head reproduces its log-probabilities")
-            reason = f"{reason}, and TRL's fused head does not reproduce its log-probabilities"
-    return LMHeadProbe("full_logits", reason)
+            choice, refusal = pick_lm_head(problems, head.requested), None
+        except ValueError as error:
+            choice, refusal = LMHeadProbe("full_logits", str(error)), error
+        agreed = _agreed_across_processes(choice, device)
+        if refusal is not None:
+            raise refusal
+        if head.requested != "auto" and agreed.path != head.requested:
+            raise ValueError(
+                f"chord_expert_head={head.requested!r} would not compute this model's expert loss exactly on every "
+                f"process: {agreed.reason}."
+            )
+        choice = agreed
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed or torch.distributed.get_rank() == 0:
+        cost = ""
+        if choice.path == "full_logits":
+            cost = " (the full logits of each expert micro-batch: costlier in memory)"
+        logger.warning(f"CHORD expert term: {choice.path} LM head{cost}; {choice.reason}.")
+    return choice
+
+
+def _deepcopy_as_loaded(self, memo):
+    """
+    A deep copy of a model prepared for the expert term, as it was loaded: without the forwards that TRL's trainer and
+    [`add_expert_loss_head`] put on this instance (they wrap this instance's own forward, so a copy keeping them would
+    run the original's weights). The copy works as any model does and can be given to a new trainer.
+    """
+    patched = {name: self.__dict__.pop(name) for name in INSTANCE_PATCHES if name in self.__dict__}
+    try:
+        return copy.deepcopy(self, memo)
+    finally:
+        self.__dict__.update(patched)
+
+
+# What a prepared model holds on its instance: the patched forward (TRL's fused head, ours, accelerate's autocast
+# wrapper around them), accelerate's record of the forward it wrapped, the expert head's state, and the copy hook
+INSTANCE_PATCHES = ("forward", "_original_forward", "chord_expert_head", "__deepcopy__")
+
+
+@functools.cache
+def _expert_forward_for(model_class: type) -> Callable:
+    """[`expert_head_forward`] with `model_class.forward`'s signature (`generate` validates its kwargs against it)."""
+
+    @functools.wraps(model_class.forward)
+    def forward(self, *args, **kwargs):
+        return expert_head_forward(self, *args, **kwargs)
+
+    return forward
 
 
 def add_expert_loss_head(
@@ -474,114 +693,118 @@ def add_expert_loss_head(
     cast_lm_head_to_fp32: bool,
     aggregation: str = "token-mean",
     norm_length: int | None = None,
+    head: str = "auto",
 ) -> None:
     """
     Let `model(input_ids, attention_mask, labels, chord_expert_loss=True)` return the expert SFT loss as an
     [`ExpertLossOutput`], at temperature 1, through the model's forward (so DDP, DeepSpeed, FSDP and PEFT wrappers see
     the call); every other call goes to the forward the model had.
 
-    The first expert call probes the model ([`probe_lm_head`]) and picks the head; `model.chord_lm_head_probe` then
+    The state this needs is one [`ExpertHead`], `model.chord_expert_head`. The first expert call chooses the LM head
+    ([`choose_lm_head`]: `head` is `"auto"` or one of [`HEAD_PATHS`], checked); `model.chord_expert_head.choice` then
     says which and why. `chord_head_gradient_in_forward` (default `True`) is passed on to [`weighted_expert_nll`].
     The per-token losses are aggregated as `aggregation` says ([`token_loss_scales`], with `norm_length` for
     `"seq-mean-token-sum-norm"`). With `output_router_logits=True`, a Mixture-of-Experts model's load-balancing loss on
-    the expert micro-batch comes back as `aux_loss`, as the model's own forward computes it.
+    the expert micro-batch comes back as `aux_loss`, as the model's own forward computes it. A deep copy of the model
+    is the model as loaded, without either head.
     """
-    original_forward = model.forward
+    if head not in EXPERT_HEADS:
+        raise ValueError(f"The expert LM head must be one of {EXPERT_HEADS}, got {head!r}.")
+    forward_without_head = model.forward
     outputs = ("log_probs", "entropy") if weighting == "entropy" else ("log_probs",)
     add_fused_lm_head(model, temperature=1.0, cast_lm_head_to_fp32=cast_lm_head_to_fp32, outputs=outputs)
-    trl_head_forward = model.forward
-    model.chord_lm_head_probe = None
+    model.chord_expert_head = ExpertHead(
+        weighting=weighting,
+        focal_gamma=focal_gamma,
+        cast_lm_head_to_fp32=cast_lm_head_to_fp32,
+        aggregation=aggregation,
+        norm_length=norm_length,
+        requested=head,
+        forward_without_head=forward_without_head,
+        trl_head_forward=model.forward,
+    )
+    model.forward = types.MethodType(_expert_forward_for(type(model)), model)
+    model.__deepcopy__ = types.MethodType(_deepcopy_as_loaded, model)
+
+
+def expert_head_forward(
+    self: PreTrainedModel, *args, chord_expert_loss=False, chord_head_gradient_in_forward=True, labels=None, **kwargs
+):
+    """The forward of a model prepared by [`add_expert_loss_head`]: the expert loss, or the model's own forward."""
+    head = self.chord_expert_head
+    if not chord_expert_loss:
+        if labels is not None:
+            kwargs["labels"] = labels
+        return head.forward_without_head(*args, **kwargs)
+    if head.choice is None:
+        head.choice = choose_lm_head(self, head)
+    kwargs["use_cache"] = False
 
     def loss_from_log_probs(log_probs, mask, entropies=None):
-        weights = token_weights(weighting, log_probs, mask, entropies=entropies, focal_gamma=focal_gamma)
-        return expert_sft_loss(log_probs, mask, weights, token_loss_scales(mask, aggregation, norm_length))
+        weights = token_weights(head.weighting, log_probs, mask, entropies=entropies, focal_gamma=head.focal_gamma)
+        scales = token_loss_scales(mask, head.aggregation, head.norm_length, dtype=log_probs.dtype)
+        return expert_sft_loss(log_probs, mask, weights, scales)
 
-    # Keep the original signature: `generate` validates its model kwargs against it
-    @functools.wraps(type(model).forward)
-    def forward(self, *args, chord_expert_loss=False, chord_head_gradient_in_forward=True, labels=None, **kwargs):
-        if not chord_expert_loss:
-            if labels is not None:
-                kwargs["labels"] = labels
-            return original_forward(*args, **kwargs)
-        if self.chord_lm_head_probe is None:
-            self.chord_lm_head_probe = probe_lm_head(
-                self,
-                original_forward,
-                trl_head_forward,
-                probe_token_ids(self, kwargs["input_ids"], kwargs["attention_mask"]),
-            )
-            logger.info(
-                f"CHORD expert term: {self.chord_lm_head_probe.path} LM head ({self.chord_lm_head_probe.reason})."
-            )
-            if self.chord_lm_head_probe.path == "full_logits":
-                logger.warning(
-                    f"The CHORD expert term computes the full logits of each expert micro-batch: "
-                    f"{self.chord_lm_head_probe.reason}."
-                )
-        path = self.chord_lm_head_probe.path
-        kwargs["use_cache"] = False
+    if head.choice.path == "trl_fused":
+        output = head.trl_head_forward(*args, labels=labels, fused_lm_head=True, **kwargs)
+        loss = loss_from_log_probs(output.log_probs, output.label_mask, output.entropy)
+        return _with_rows_and_aux(loss, output.log_probs, output.label_mask, output.aux_loss)
 
-        if path == "trl_fused":
-            output = trl_head_forward(*args, labels=labels, fused_lm_head=True, **kwargs)
-            loss = loss_from_log_probs(output.log_probs, output.label_mask, output.entropy)
-            return _with_rows_and_aux(loss, output.log_probs, output.label_mask, output.aux_loss)
-
-        labels = labels[:, 1:]
-        mask = labels != -100
-        if path == "full_logits":
-            output = original_forward(*args, **kwargs)
-            mask = mask.to(output.logits.device)
-            # The fp32 log-softmax of the expert positions only, put back in place
-            log_softmax = output.logits[:, :-1][mask].float().log_softmax(-1)
-            token_log_probs = log_softmax.gather(-1, labels.to(mask.device)[mask].unsqueeze(-1)).squeeze(-1)
-            log_probs = log_softmax.new_zeros(mask.shape).masked_scatter(mask, token_log_probs)
-            entropies = None
-            if weighting == "entropy":
-                token_entropies = -(log_softmax.exp() * log_softmax).sum(-1)
-                entropies = log_softmax.new_zeros(mask.shape).masked_scatter(mask, token_entropies)
-            loss = loss_from_log_probs(log_probs, mask, entropies)
-            return _with_rows_and_aux(loss, log_probs, mask, getattr(output, "aux_loss", None))
-
-        # The model's own forward, keeping one position's logits, gives the backbone's output (and any aux loss)
-        seen = {}
-
-        def capture(module, args, output):
-            seen["hidden_states"] = _last_hidden_state(output)
-
-        # The backbone and the head are looked up on each call, since FSDP and PEFT replace them after patching
-        with _hooked(language_backbone(self), forward_hook=capture):
-            output = original_forward(*args, logits_to_keep=1, **kwargs)
-        hidden_states = seen["hidden_states"][:, :-1]
-        lm_head = self.get_output_embeddings()
-        weight, bias = lm_head.weight, lm_head.bias
-        if isinstance(weight, DTensor):  # FSDP2 shards a separately wrapped head: gather it once for all chunks
-            weight = full_tensor_with_averaged_gradient(weight)
-            bias = None if bias is None else full_tensor_with_averaged_gradient(bias)
-        hidden_states = hidden_states[mask.to(hidden_states.device)].to(weight.device)
-        if cast_lm_head_to_fp32:
-            hidden_states, compute_dtype = hidden_states.float(), torch.float32
-        elif torch.is_autocast_enabled(hidden_states.device.type):
-            compute_dtype = torch.get_autocast_dtype(hidden_states.device.type)
-        else:
-            compute_dtype = hidden_states.dtype
-        with maybe_gather_lm_head_ctx(weight, bias):
-            loss = weighted_expert_nll(
-                hidden_states,
-                weight,
-                bias,
-                labels[mask].to(weight.device),
-                weighting,
-                focal_gamma,
-                compute_dtype,
-                gradient_in_forward=chord_head_gradient_in_forward,
-                token_scales=token_loss_scales(mask, aggregation, norm_length)[mask],
-            )
-        log_probs = torch.zeros(mask.shape, device=loss.token_log_probs.device).masked_scatter(
-            mask.to(loss.token_log_probs.device), loss.token_log_probs
-        )
+    labels = labels[:, 1:]
+    mask = labels != -100
+    if head.choice.path == "full_logits":
+        output = head.forward_without_head(*args, **kwargs)
+        mask = mask.to(output.logits.device)
+        # The log-softmax of the expert positions only (in at least fp32), put back in place
+        float_dtype = torch.promote_types(output.logits.dtype, torch.float32)
+        log_softmax = output.logits[:, :-1][mask].to(float_dtype).log_softmax(-1)
+        token_log_probs = log_softmax.gather(-1, labels.to(mask.device)[mask].unsqueeze(-1)).squeeze(-1)
+        log_probs = log_softmax.new_zeros(mask.shape).masked_scatter(mask, token_log_probs)
+        entropies = None
+        if head.weighting == "entropy":
+            token_entropies = -(log_softmax.exp() * log_softmax).sum(-1)
+            entropies = log_softmax.new_zeros(mask.shape).masked_scatter(mask, token_entropies)
+        loss = loss_from_log_probs(log_probs, mask, entropies)
         return _with_rows_and_aux(loss, log_probs, mask, getattr(output, "aux_loss", None))
 
-    model.forward = types.MethodType(forward, model)
+    # The model's own forward, keeping one position's logits, gives the backbone's output (and any aux loss)
+    seen = {}
+
+    def capture(module, args, output):
+        seen["hidden_states"] = _last_hidden_state(output)
+
+    # The backbone and the head are looked up on each call, since FSDP and PEFT replace them after patching
+    with _hooked(language_backbone(self), forward_hook=capture):
+        output = head.forward_without_head(*args, logits_to_keep=1, **kwargs)
+    hidden_states = seen["hidden_states"][:, :-1]
+    lm_head = self.get_output_embeddings()
+    weight, bias = lm_head.weight, lm_head.bias
+    if isinstance(weight, DTensor):  # FSDP2 shards a separately wrapped head: gather it once for all chunks
+        weight = full_tensor_with_averaged_gradient(weight)
+        bias = None if bias is None else full_tensor_with_averaged_gradient(bias)
+    hidden_states = hidden_states[mask.to(hidden_states.device)].to(weight.device)
+    if head.cast_lm_head_to_fp32:
+        hidden_states, compute_dtype = hidden_states.float(), torch.float32
+    elif torch.is_autocast_enabled(hidden_states.device.type):
+        compute_dtype = torch.get_autocast_dtype(hidden_states.device.type)
+    else:
+        compute_dtype = hidden_states.dtype
+    float_dtype = torch.promote_types(compute_dtype, torch.float32)
+    with maybe_gather_lm_head_ctx(weight, bias):
+        loss = weighted_expert_nll(
+            hidden_states,
+            weight,
+            bias,
+            labels[mask].to(weight.device),
+            head.weighting,
+            head.focal_gamma,
+            compute_dtype,
+            gradient_in_forward=chord_head_gradient_in_forward,
+            token_scales=token_loss_scales(mask, head.aggregation, head.norm_length, float_dtype)[mask],
+        )
+    token_log_probs = loss.token_log_probs
+    log_probs = token_log_probs.new_zeros(mask.shape).masked_scatter(mask.to(token_log_probs.device), token_log_probs)
+    return _with_rows_and_aux(loss, log_probs, mask, getattr(output, "aux_loss", None))
 
 
 def _with_rows_and_aux(loss: ExpertLossOutput, log_probs, mask, aux_loss) -> ExpertLossOutput:

@@ -95,7 +95,9 @@ def token_weights(
     return weights * token_weight_scale(weighting, weights, mask)
 
 
-def token_loss_scales(mask: torch.Tensor, aggregation: str, norm_length: int | None = None) -> torch.Tensor:
+def token_loss_scales(
+    mask: torch.Tensor, aggregation: str, norm_length: int | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """
     The factor `c` of each token in the aggregated loss `sum(c * w * -logp)` of one expert micro-batch of `B`
     sequences, 0 off the mask:
@@ -110,8 +112,9 @@ def token_loss_scales(mask: torch.Tensor, aggregation: str, norm_length: int | N
         mask (`torch.Tensor` of shape `(B, seq_len)`): 1 for the expert tokens.
         aggregation (`str`): one of [`SFT_LOSS_AGGREGATIONS`].
         norm_length (`int`, *optional*): the constant length of `"seq-mean-token-sum-norm"`.
+        dtype (`torch.dtype`, *optional*): the scales' dtype (float64 for a float64 loss: `1 / N` rounds).
     """
-    mask = mask.to(torch.float32)
+    mask = mask.to(dtype)
     num_sequences = max(mask.shape[0], 1)
     if aggregation == "token-mean":
         return mask / mask.sum().clamp(min=1.0)
@@ -170,16 +173,17 @@ def expert_sft_loss(
         [`ExpertLossOutput`]: the loss (an empty batch gives 0) and the detached sums of NLL, probability and weight
         over the masked tokens, and their count.
     """
-    mask = mask.to(per_token_logps.dtype)
     if scales is None:
-        scales = token_loss_scales(mask, "token-mean")
-    weights = weights.detach()
-    per_token_nll = -per_token_logps
-    loss = (per_token_nll * weights * scales.to(per_token_nll.dtype) * mask).sum()
+        scales = token_loss_scales(mask, "token-mean", dtype=torch.promote_types(per_token_logps.dtype, torch.float32))
+    # Masked positions contribute 0 whatever they hold (a padded position's log-prob may be -inf)
+    mask = mask.to(torch.bool)
+    per_token_nll = torch.where(mask, -per_token_logps, 0.0)
+    weights = torch.where(mask, weights.detach(), 0.0)
+    loss = (per_token_nll * weights * scales.to(per_token_nll.dtype)).sum()
     return ExpertLossOutput(
         loss=loss,
-        nll_sum=(per_token_nll.detach() * mask).sum(),
-        prob_sum=(per_token_logps.detach().exp() * mask).sum(),
-        weight_sum=(weights * mask).sum(),
-        num_tokens=mask.sum().detach(),
+        nll_sum=per_token_nll.detach().sum(),
+        prob_sum=torch.where(mask, per_token_logps.detach().exp(), 0.0).sum(),
+        weight_sum=weights.sum(),
+        num_tokens=mask.sum().to(per_token_logps.dtype),
     )

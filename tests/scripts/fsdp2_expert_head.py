@@ -61,7 +61,7 @@ def main():
     else:
         expert = model(**expert_kwargs).loss
         ((1 - mu) * model(input_ids=other_ids, labels=other_labels).loss + mu * expert).backward()
-    probe = model.chord_lm_head_probe.path
+    probe = model.chord_expert_head.choice.path
     gradients = {name: param.grad.full_tensor() for name, param in model.named_parameters()}
     if rank == 0:
         torch.save({"gradients": gradients, "probe": probe}, args.output)

@@ -53,7 +53,7 @@ class ChordScriptArguments:
             Column of the RL prompts holding the prompt; renamed to `prompt`. Other columns reach the rewards.
         chord_sft_dataset (`list[str]`, *optional*):
             Expert demonstrations (`prompt`/`completion` or `messages`, optional `tools`): hub dataset ids or local
-            `.json`, `.jsonl` or `.parquet` files, the name ms-swift uses. Several sources mix as
+            `.json`, `.jsonl` or `.parquet` files or folders of them, the name ms-swift uses. Several sources mix as
             `chord_sft_dataset_proportions` says (by default by size); each is named `name=path_or_id`, or by its file
             stem or the last part of its hub id.
         chord_sft_dataset_config (`str`, *optional*):
@@ -92,9 +92,9 @@ class ChordScriptArguments:
     heldout_eval_steps: int = field(default=25, metadata={"help": "Built-in task: held-out accuracy period in steps."})
 
 
-def resolve_reward_funcs(names: list[str]) -> list:
+def resolve_reward_funcs(names: list[str] | str) -> list:
     rewards = []
-    for name in names:
+    for name in [names] if isinstance(names, str) else names:  # a YAML config may give one string
         if name in REWARD_FUNCS:
             rewards.append(REWARD_FUNCS[name])
         elif "." in name:
@@ -111,6 +111,18 @@ def expert_source_name(path_or_id: str) -> str:
     return os.path.splitext(os.path.basename(path_or_id.rstrip("/")))[0]
 
 
+def split_source_name(entry: str) -> tuple[str | None, str]:
+    """
+    `(name, path_or_id)` of a `--chord_sft_dataset` entry: `name=path_or_id`, or `(None, entry)` for an unnamed one.
+    An entry that exists as a local path is unnamed, `=` or not (Hive-style folders: `data/split=train`), and so is
+    one whose part before `=` could not be a name (it has a `/` or `.`).
+    """
+    name, separator, path_or_id = entry.partition("=")
+    if not separator or os.path.exists(entry) or "/" in name or "." in name or not name:
+        return None, entry
+    return name, path_or_id
+
+
 def load_expert_sources(entries: list[str] | str | None, config: str | None, split: str):
     """
     The expert dataset(s) of `--chord_sft_dataset`: `None`, one `Dataset` for one unnamed entry, or a dict of named
@@ -119,11 +131,12 @@ def load_expert_sources(entries: list[str] | str | None, config: str | None, spl
     if entries is None:
         return None
     entries = [entries] if isinstance(entries, str) else list(entries)  # a YAML config may give one string
-    if len(entries) == 1 and "=" not in entries[0]:
+    if len(entries) == 1 and split_source_name(entries[0])[0] is None:
         return load_dataset_file_or_hub(entries[0], config, split)
     sources = {}
     for entry in entries:
-        name, path_or_id = entry.split("=", 1) if "=" in entry else (expert_source_name(entry), entry)
+        name, path_or_id = split_source_name(entry)
+        name = name or expert_source_name(path_or_id)
         if name in sources:
             raise ValueError(
                 f"Two expert sources are named {name!r} in --chord_sft_dataset {entries}: name them, as name=path."
