@@ -195,7 +195,7 @@ def test_a_deep_copy_of_a_prepared_model_is_the_model_as_loaded():
 
 @pytest.mark.parametrize("requested", ["chunked", "full_logits"])
 def test_a_float64_model_gets_its_own_nll_to_1e_10(requested):
-    # (TRL's fused head computes in fp32, so a float64 model's probe never takes it: its error is fp32's)
+    # (TRL's fused head computes in fp32: a float64 model that needs it gets fp32's precision there)
     batch = expert_batch()
     model = prepared(build_model("qwen2").double(), head=requested, weighting="uniform")
     out = expert_loss(model, batch)

@@ -14,7 +14,9 @@ class ChordConfig(GRPOConfig):
 
     CHORD (arXiv 2508.11408) trains on `(1 - mu) * L_GRPO + mu * L_SFT`: TRL's GRPO loss on the model's own rollouts
     plus a supervised loss on expert answers from a separate dataset. [`ChordConfig`] inherits every parameter of
-    [`~trl.GRPOConfig`] and adds the `chord_*` parameters below, named as in ms-swift so that runs move over unchanged.
+    [`~trl.GRPOConfig`] and adds the `chord_*` parameters below, named as in ms-swift. Two defaults differ from
+    ms-swift's: `chord_enable_phi_function` is `True` here and `False` there, and ms-swift requires the four
+    `chord_mu_*` values (here they default to a constant 0.1).
     The defaults are the paper's CHORD-phi: a constant `mu = 0.1` with phi token weights.
 
     `mu` at optimizer step `s` (0-based: the number of steps already completed), with `W = chord_mu_warmup_steps` and

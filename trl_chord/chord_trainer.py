@@ -53,10 +53,11 @@ class ChordTrainer(GRPOTrainer):
     process draws one micro-batch of `args.chord_sft_per_device_train_batch_size` expert examples from its own shard
     and adds its SFT loss, scaled for gradient accumulation as GRPOTrainer scales its own. When `mu` is 0 for a step,
     no expert forward pass runs. Evaluation loss stays GRPO's. The expert term goes through its own LM head
-    ([`~trl_chord.expert_head.weighted_expert_nll`], chosen by probing the model) and, on one device and under DDP, is
-    backpropagated before the GRPO forward (`backward_expert_term_first`), so that the step's peak memory is the larger
-    term's. Under DeepSpeed, FSDP and LOMO the two terms share one backward, and the head recomputes its logits in it
-    rather than hold its gradient through the GRPO pass. For Mixture-of-Experts models, the expert term carries the
+    (chosen once by probing the model, or set by `args.chord_expert_head`; `chord_expert_head` says which) and, on one
+    device and under DDP, is backpropagated before the GRPO forward (`backward_expert_term_first`), so that the step's
+    peak memory is the larger term's. Under DeepSpeed, FSDP and optimizers that step inside the backward (LOMO,
+    layer-wise GaLore) the two terms share one backward, and the head recomputes its logits in it rather than hold its
+    gradient through the GRPO pass. For Mixture-of-Experts models, the expert term carries the
     router load-balancing loss exactly when GRPOTrainer adds it to the GRPO term.
 
     Args:
