@@ -117,10 +117,15 @@ def completion_logits(model, tokenizer, example) -> tuple[torch.Tensor, torch.Te
 
 
 def expert_nll_gradient(
-    model_dir, expert_dataset, weighting: str, aggregation: str = "token-mean", norm_length: int | None = None
+    model_dir,
+    expert_dataset,
+    weighting: str,
+    aggregation: str = "token-mean",
+    norm_length: int | None = None,
+    normalization: str = "none",
 ) -> dict[str, torch.Tensor]:
     """The weighted NLL of the expert completions, aggregated over the examples as one micro-batch, and its
-    gradient."""
+    gradient; with `normalization="mean"`, the weights divided by their mean over the micro-batch's tokens."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     nlls, all_weights = [], []
@@ -129,7 +134,7 @@ def expert_nll_gradient(
         logps = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
         nlls.append(-logps)
         all_weights.append(oracle_weights(weighting, logits, logps))
-    if weighting == "entropy":  # normalised by the mean over the micro-batch's tokens
+    if weighting == "entropy" or normalization == "mean":  # normalised by the mean over the micro-batch's tokens
         mean = torch.cat(all_weights).mean()
         all_weights = [weights / mean for weights in all_weights]
     terms = [nll * weights for nll, weights in zip(nlls, all_weights)]

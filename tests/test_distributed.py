@@ -219,15 +219,32 @@ def test_zero3_chord_micro_step_holds_no_head_gradient_through_the_grpo_pass(tmp
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+    "aggregation, normalization",
+    [
+        ("token-mean", "none"),
+        ("seq-mean-token-mean", "none"),
+        ("seq-mean-token-sum", "none"),
+        ("seq-mean-token-sum-norm", "none"),
+        ("token-mean", "mean"),
+        ("seq-mean-token-mean", "mean"),
+    ],
 )
 def test_each_sft_loss_aggregation_on_two_processes_averages_the_micro_batch_aggregates(
-    tiny_model_dir, tmp_path, aggregation
+    tiny_model_dir, tmp_path, aggregation, normalization
 ):
     # mu = 1 (no GRPO term), plain SGD, 2 processes x 2 accumulation steps x 2 expert examples of very different
-    # lengths: each process aggregates its own micro-batch, and the update is -lr times the mean over the 4
-    # micro-batches of their aggregates' gradients (DDP averages over processes, accumulation over micro-steps)
-    from helpers import PLAIN_SGD, expert_nll_gradient, make_expert_dataset_of_lengths
+    # lengths: each process aggregates its own micro-batch (its phi weights rescaled to mean 1 over it, with
+    # normalization="mean"), and the update is -lr times the mean over the 4 micro-batches of their aggregates'
+    # gradients (DDP averages over processes, accumulation over micro-steps)
+    from helpers import (
+        PLAIN_SGD,
+        completion_logits,
+        expert_nll_gradient,
+        make_expert_dataset_of_lengths,
+        oracle_weights,
+    )
+    from test_trainer import _token_scales
+    from transformers import AutoTokenizer
 
     lengths = [1, 9, 3, 14, 2, 11, 6, 4]
     ranks = launch(
@@ -241,6 +258,8 @@ def test_each_sft_loss_aggregation_on_two_processes_averages_the_micro_batch_agg
         "1.0",
         "--aggregation",
         aggregation,
+        "--normalization",
+        normalization,
         "--expert-lengths",
         *map(str, lengths),
     )
@@ -249,9 +268,36 @@ def test_each_sft_loss_aggregation_on_two_processes_averages_the_micro_batch_agg
     micro_batches = ranks[0]["drawn"] + ranks[1]["drawn"]
     assert len(micro_batches) == 4 and sorted(sum(micro_batches, [])) == list(range(8))
     oracle = [
-        expert_nll_gradient(tiny_model_dir, expert.select(indices), "phi", aggregation, norm_length=64)
+        expert_nll_gradient(tiny_model_dir, expert.select(indices), "phi", aggregation, 64, normalization)
         for indices in micro_batches
     ]
+    # The logged effective mu: at each micro-step, sum(c * w) / sum(c) over both processes' micro-batches, averaged
+    # over the step's two micro-steps
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    def scaled_sums(indices):
+        token_weights, token_lengths = [], []
+        with torch.no_grad():
+            for example in expert.select(indices):
+                logits, targets = completion_logits(model, tokenizer, example)
+                logps = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+                token_weights.append(oracle_weights("phi", logits, logps))
+                token_lengths.append(len(targets))
+        token_weights = torch.cat(token_weights)
+        if normalization == "mean":
+            token_weights = token_weights / token_weights.mean()
+        scales = _token_scales(token_lengths, aggregation, norm_length=64)
+        return (scales * token_weights).sum().item(), scales.sum().item()
+
+    per_micro_step = []
+    for step in range(2):
+        sums = [scaled_sums(rank["drawn"][step]) for rank in ranks]
+        per_micro_step.append(sum(s[0] for s in sums) / sum(s[1] for s in sums))
+    assert ranks[0]["effective_mu"] == ranks[1]["effective_mu"]
+    assert ranks[0]["effective_mu"][0] == pytest.approx(sum(per_micro_step) / 2, rel=1e-4)
+    if normalization == "mean" and aggregation == "token-mean":
+        assert ranks[0]["effective_mu"][0] == pytest.approx(1.0, rel=1e-5)
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     final = torch.load(tmp_path / "weights.pt")
     for name in oracle[0]:  # the parameters (the tied LM head is the embedding)

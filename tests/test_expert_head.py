@@ -21,7 +21,7 @@ def _head_inputs(seed=0, num_tokens=7, hidden_size=5, vocab_size=11, dtype=torch
     return hidden, weight, bias, targets
 
 
-def _oracle(hidden, weight, bias, targets, weighting, upstream):
+def _oracle(hidden, weight, bias, targets, weighting, upstream, normalization="none"):
     """Full logits, `log_softmax`, the weights of `token_weights`, and autograd."""
     hidden, weight, bias = (t.detach().clone().requires_grad_(True) for t in (hidden, weight, bias))
     logits = hidden @ weight.t() + bias
@@ -29,7 +29,8 @@ def _oracle(hidden, weight, bias, targets, weighting, upstream):
     logps = log_softmax.gather(-1, targets[:, None]).squeeze(-1)
     entropies = -(log_softmax.exp() * log_softmax).sum(-1)
     mask = torch.ones_like(logps)
-    out = expert_sft_loss(logps, mask, token_weights(weighting, logps, mask, entropies=entropies, focal_gamma=1.5))
+    weights = token_weights(weighting, logps, mask, entropies, focal_gamma=1.5, normalization=normalization)
+    out = expert_sft_loss(logps, mask, weights)
     (out.loss * upstream).backward()
     return out, hidden.grad, weight.grad, bias.grad
 
@@ -256,21 +257,36 @@ def test_fp16_head_gradient_is_as_accurate_as_standard_amp():
         assert error <= 3 * amp_error, (gradient_in_forward, error, amp_error)
 
 
-def _peaked_head_case(seed=0, num_tokens=512, vocab_size=4096, hidden_size=64, num_uniform=4):
-    """Hidden states under which the policy is nearly certain of most tokens (low entropy) and knows nothing of a
-    few (all-zero hidden states: the uniform distribution, entropy log V): normalised entropy weights up to ~100."""
+def _peaked_head_case(num_uniform, peak_scale, seed=0, num_tokens=512, vocab_size=4096, hidden_size=64):
+    """Hidden states under which the policy knows nothing of `num_uniform` tokens (all-zero hidden states: the uniform
+    distribution, p = 1 / V, entropy log V) and favours the others' targets, by far (`peak_scale` 30: p ~ 0.99) or
+    about evenly (10: p ~ 0.6). A few of one kind among many of the other make mean-normalised weights large."""
     generator = torch.Generator().manual_seed(seed)
     weight = torch.randn(vocab_size, hidden_size, generator=generator) / hidden_size**0.5
     targets = torch.randint(0, vocab_size, (num_tokens,), generator=generator)
-    hidden = 30.0 * weight[targets] + 0.1 * torch.randn(num_tokens, hidden_size, generator=generator)
+    hidden = peak_scale * weight[targets] + 0.1 * torch.randn(num_tokens, hidden_size, generator=generator)
     hidden[:num_uniform] = 0.0
     return hidden, weight, targets
 
 
-def test_fp16_normalised_entropy_weights_stay_finite_and_as_accurate_as_amp_in_both_head_modes():
-    hidden, weight, targets = _peaked_head_case()
+# For each weighting, a few tokens whose weight is far above the others': the large normalised weights
+LARGE_NORMALISED_WEIGHTS = {
+    "entropy": dict(num_uniform=4, peak_scale=30.0),  # a few unknown tokens among certain ones: high entropy
+    "focal": dict(num_uniform=4, peak_scale=30.0),  # the same: (1 - p)^gamma ~ 1 there, ~0 elsewhere
+    "phi": dict(num_uniform=508, peak_scale=10.0),  # a few even tokens among unknown ones: p(1 - p) ~ 1/4 there
+    "is": dict(num_uniform=508, peak_scale=30.0),  # a few certain tokens among unknown ones: p ~ 1 there
+}
+
+
+@pytest.mark.parametrize(
+    "weighting, normalization", [("entropy", "none"), ("phi", "mean"), ("is", "mean"), ("focal", "mean")]
+)
+def test_fp16_normalised_weights_stay_finite_and_as_accurate_as_amp_in_both_head_modes(weighting, normalization):
+    # Mean-normalised weights have no bound (phi's 1/4 no longer holds): the largest is about max / mean
+    hidden, weight, targets = _peaked_head_case(**LARGE_NORMALISED_WEIGHTS[weighting])
+    bias = torch.zeros(len(weight), dtype=torch.float64)
     _, _, expected_weight_grad, _ = _oracle(
-        hidden.double(), weight.double(), torch.zeros(len(weight), dtype=torch.float64), targets, "entropy", 1.0
+        hidden.double(), weight.double(), bias, targets, weighting, 1.0, normalization
     )
     loss_scale = 2.0**16
 
@@ -281,9 +297,10 @@ def test_fp16_normalised_entropy_weights_stay_finite_and_as_accurate_as_amp_in_b
     entropies = -(log_softmax.exp() * log_softmax).sum(-1)
     logps = log_softmax.gather(-1, targets[:, None]).squeeze(-1)
     mask = torch.ones_like(logps)
-    (expert_sft_loss(logps, mask, token_weights("entropy", logps, mask, entropies)).loss * loss_scale).backward()
+    amp_weights = token_weights(weighting, logps, mask, entropies, focal_gamma=1.5, normalization=normalization)
+    (expert_sft_loss(logps, mask, amp_weights).loss * loss_scale).backward()
     amp_error = _relative_error(amp_weight.grad / loss_scale, expected_weight_grad)
-    assert (entropies.max() / entropies.mean()).item() > 50  # the normalised weights reach far beyond log V
+    assert amp_weights.max().item() > 20  # the normalised weights reach far beyond any weighting's bound
 
     for gradient_in_forward in (True, False):
         chord_weight = weight.clone().requires_grad_(True)
@@ -292,9 +309,11 @@ def test_fp16_normalised_entropy_weights_stay_finite_and_as_accurate_as_amp_in_b
             chord_weight,
             None,
             targets,
-            "entropy",
+            weighting,
+            focal_gamma=1.5,
             compute_dtype=torch.float16,
             gradient_in_forward=gradient_in_forward,
+            normalization=normalization,
         )
         (out.loss * loss_scale).backward()
         assert torch.isfinite(chord_weight.grad).all(), gradient_in_forward

@@ -43,6 +43,14 @@ def test_builtin_demo_runs_and_reports(tmp_path):
     train_logs = [e for e in entries if "chord/mu" in e]
     assert [e["step"] for e in train_logs] == [2, 4, 6]
     assert [e["chord/mu"] for e in train_logs][-1] == 0.1
+    # The expert term's strength, in every log of the run (issue 19's metrics)
+    strength = (
+        "chord/token_weight_mean",
+        "chord/effective_mu",
+        "chord/expert_prob_below_0.1",
+        "chord/expert_grad_norm",
+    )
+    assert all(key in entry for entry in train_logs for key in strength)
     assert sum("heldout/accuracy" in e for e in entries) == 2  # steps 3 and 6
     assert (tmp_path / "metrics.png").stat().st_size > 10_000
     assert (tmp_path / "model.safetensors").exists()

@@ -16,6 +16,7 @@ from helpers import (
     make_rl_prompts,
     make_trainer,
     odd_char_reward,
+    oracle_weights,
     weights,
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -135,15 +136,92 @@ def test_metrics_are_logged(tiny_model_dir, tmp_path):
         "chord/sft_loss",
         "chord/grpo_loss",
         "chord/expert_token_prob",
-        "chord/phi_mean",
+        "chord/token_weight_mean",
+        "chord/expert_prob_below_0.1",
+        "chord/expert_prob_above_0.9",
+        "chord/effective_mu",
+        "chord/expert_grad_norm",
+        "chord/grpo_grad_norm",
         "chord/expert_tokens",
         "chord/expert_nll",
     ):
         assert key in entry, key
-    assert 0 < entry["chord/expert_token_prob"] < 1 and 0 < entry["chord/phi_mean"] <= 0.25
+    assert 0 < entry["chord/expert_token_prob"] < 1 and 0 < entry["chord/token_weight_mean"] <= 0.25
     # loss = (1 - mu) * grpo + mu * sft, with no gradient accumulation (transformers 4 logs `loss` to 4 decimals)
     mixed = 0.7 * entry["chord/grpo_loss"] + 0.3 * entry["chord/sft_loss"]
     assert entry["loss"] == pytest.approx(mixed, rel=1e-5, abs=5e-5)
+
+
+def _token_scales(lengths: list[int], aggregation: str, norm_length: int) -> torch.Tensor:
+    """Each expert token's factor in the aggregation, written out per mode, for examples of these lengths."""
+    num_tokens, num_sequences = sum(lengths), len(lengths)
+    per_example = {
+        "token-mean": [1 / num_tokens] * num_sequences,
+        "seq-mean-token-mean": [1 / (num_sequences * length) for length in lengths],
+        "seq-mean-token-sum": [1 / num_sequences] * num_sequences,
+        "seq-mean-token-sum-norm": [1 / (num_sequences * norm_length)] * num_sequences,
+    }[aggregation]
+    return torch.cat([torch.full((length,), factor) for factor, length in zip(per_example, lengths)])
+
+
+@pytest.mark.parametrize("normalization", ["none", "mean"])
+@pytest.mark.parametrize("weighting", ["uniform", "phi", "is", "entropy"])
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_expert_term_strength_metrics_equal_an_oracle(tiny_model_dir, tmp_path, aggregation, weighting, normalization):
+    # One step at mu = 0.5 whose expert micro-batch is the whole expert set: every metric computed again from the
+    # model's own logits, and the two terms' gradients from an independent SFT gradient and the SGD update
+    mu, expert = 0.5, make_expert_dataset_of_lengths([1, 9, 3, 14])
+    args = chord_config(
+        tmp_path,
+        chord_mu_peak=mu,
+        chord_mu_valley=mu,
+        chord_token_weighting=weighting,
+        chord_token_weight_normalization=normalization,
+        chord_sft_loss_agg_mode=aggregation,
+        chord_sft_max_length=48,
+        chord_sft_per_device_train_batch_size=4,
+        **PLAIN_SGD,
+        max_steps=1,
+    )
+    trainer = make_trainer(tiny_model_dir, args, expert)
+    before = weights(trainer)
+    trainer.train()
+    update = {name: param - before[name] for name, param in weights(trainer).items()}
+    entry = trainer.state.log_history[0]
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    probs, token_weights, lengths = [], [], []
+    with torch.no_grad():
+        for example in expert:
+            logits, targets = completion_logits(model, tokenizer, example)
+            logps = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+            probs.append(logps.exp())
+            token_weights.append(oracle_weights(weighting, logits, logps))
+            lengths.append(len(targets))
+    probs, token_weights = torch.cat(probs), torch.cat(token_weights)
+    if weighting == "entropy" or normalization == "mean":
+        token_weights = token_weights / token_weights.mean()
+    scales = _token_scales(lengths, aggregation, norm_length=48)
+    assert entry["chord/token_weight_mean"] == pytest.approx(token_weights.mean().item(), rel=1e-4)
+    assert entry["chord/expert_prob_below_0.1"] == pytest.approx((probs < 0.1).float().mean().item())
+    assert entry["chord/expert_prob_above_0.9"] == pytest.approx((probs > 0.9).float().mean().item())
+    expected_effective_mu = mu * ((scales * token_weights).sum() / scales.sum()).item()
+    assert entry["chord/effective_mu"] == pytest.approx(expected_effective_mu, rel=1e-4)
+    if weighting == "uniform" or (normalization == "mean" and aggregation == "token-mean"):
+        assert entry["chord/effective_mu"] == pytest.approx(mu, rel=1e-5)
+
+    sft_gradient = expert_nll_gradient(tiny_model_dir, expert, weighting, aggregation, 48, normalization)
+    expert_part = {name: mu * grad for name, grad in sft_gradient.items()}
+    # The update is -lr * (grpo part + expert part): what is left of it once the expert part is taken away is GRPO's
+    grpo_part = {name: -step / PLAIN_SGD["learning_rate"] - expert_part[name] for name, step in update.items()}
+
+    def norm(gradient):
+        return torch.stack([grad.norm() for grad in gradient.values()]).norm().item()
+
+    assert entry["chord/expert_grad_norm"] == pytest.approx(norm(expert_part), rel=1e-3)
+    assert entry["chord/grpo_grad_norm"] == pytest.approx(norm(grpo_part), rel=1e-3)
+    assert entry["chord/grpo_grad_norm"] > 0
 
 
 def test_expert_loss_falls_with_mu_one(tiny_model_dir, tmp_path):
@@ -179,19 +257,25 @@ def test_lora(tiny_model_dir, tmp_path):
     assert len(logged(trainer, "chord/sft_loss")) == 2
 
 
+@pytest.mark.parametrize("gradient_in_forward", [True, False], ids=["gradient-in-forward", "recompute"])
+@pytest.mark.parametrize("normalization", ["none", "mean"])
 @pytest.mark.parametrize("weighting", ["uniform", "phi", "is", "focal", "entropy"])
 @pytest.mark.parametrize(
     "aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 )
-def test_each_sft_loss_aggregation_sgd_step_follows_its_oracle(tiny_model_dir, tmp_path, aggregation, weighting):
+def test_each_sft_loss_aggregation_sgd_step_follows_its_oracle(
+    tiny_model_dir, tmp_path, aggregation, weighting, normalization, gradient_in_forward
+):
     # mu = 1, plain SGD, two accumulated micro-batches of two examples of very different lengths: the update is -lr
-    # times the mean over the micro-batches of the gradient of each one's aggregate, computed independently
+    # times the mean over the micro-batches of the gradient of each one's aggregate, computed independently; in both
+    # head modes (the expert backward on its own: gradient in the forward; one joint backward: recomputed)
     expert = make_expert_dataset_of_lengths([1, 9, 3, 14])
     args = chord_config(
         tmp_path,
         chord_mu_peak=1.0,
         chord_mu_valley=1.0,
         chord_token_weighting=weighting,
+        chord_token_weight_normalization=normalization,
         chord_sft_loss_agg_mode=aggregation,
         chord_sft_max_length=48,  # longer than every example: nothing is cut
         chord_sft_per_device_train_batch_size=2,
@@ -202,6 +286,7 @@ def test_each_sft_loss_aggregation_sgd_step_follows_its_oracle(tiny_model_dir, t
         max_steps=1,
     )
     trainer = make_trainer(tiny_model_dir, args, expert)
+    trainer.backward_expert_term_first = gradient_in_forward
     drawn = []
     next_batch = trainer.expert_sampler.next_batch
     trainer.expert_sampler.next_batch = lambda: drawn.append(next_batch()) or drawn[-1]
@@ -210,7 +295,7 @@ def test_each_sft_loss_aggregation_sgd_step_follows_its_oracle(tiny_model_dir, t
     after = weights(trainer)
     assert len(drawn) == 2 and sorted(sum(drawn, [])) == [0, 1, 2, 3]
     oracle = [
-        expert_nll_gradient(tiny_model_dir, expert.select(indices), weighting, aggregation, norm_length=48)
+        expert_nll_gradient(tiny_model_dir, expert.select(indices), weighting, aggregation, 48, normalization)
         for indices in drawn
     ]
     for name in after:
@@ -575,3 +660,75 @@ def test_bad_expert_sources(tiny_model_dir, tmp_path, expert, proportions, messa
         make_trainer(
             tiny_model_dir, chord_config(tmp_path, chord_sft_dataset_proportions=proportions), datasets[expert]
         )
+
+
+def _strength_run(model_dir, tmp_path, name, weighting, max_steps, learning_rate=1e-4):
+    """A run at mu = 1 (no rollouts to generate: fast) that logs every step, at a constant rate (1e-4: one that
+    would not teach the expert's style within the run when the expert term is weak)."""
+    args = chord_config(
+        tmp_path / name,
+        chord_mu_peak=1.0,
+        chord_mu_valley=1.0,
+        chord_token_weighting=weighting,
+        max_steps=max_steps,
+        learning_rate=learning_rate,
+        lr_scheduler_type="constant",
+    )
+    # One expert answer, in a style the random tiny model never produces, and which a few SFT steps make it reproduce
+    trainer = make_trainer(model_dir, args, make_expert_dataset(1))
+    trainer.train()
+    return trainer
+
+
+WEAK_EXPERT_TERM_WARNING = "the CHORD expert term has acted at under a tenth of its mu"
+
+
+def test_the_weak_expert_term_warning_waits_for_20_consecutive_weak_logs_and_fires_once(caplog):
+    from transformers import TrainerControl, TrainerState
+
+    from trl_chord.callbacks import WeakExpertTermCallback
+
+    weak = {"chord/mu": 0.1, "chord/effective_mu": 0.002, "chord/expert_prob_below_0.1": 0.35}
+    strong = {**weak, "chord/effective_mu": 0.05}
+    reproduced = {**weak, "chord/expert_prob_below_0.1": 0.02}  # phi is small because p is near 1: nothing to fix
+    no_expert_term = {"chord/mu": 0.0}
+    callback, state = WeakExpertTermCallback(), TrainerState()
+    args = ChordConfig(output_dir="unused", use_cpu=True, bf16=False)
+
+    def log(*entries):
+        with caplog.at_level(logging.WARNING):
+            for entry in entries:
+                callback.on_log(args, state, TrainerControl(), logs=entry)
+        return caplog.text.count(WEAK_EXPERT_TERM_WARNING)
+
+    assert log(*[weak] * 19, strong, *[weak] * 19, reproduced, *[weak] * 10) == 0  # each run broken before 20
+    assert log(no_expert_term, *[weak] * 9) == 0  # a log without the expert term neither counts nor breaks the run
+    assert log(weak) == 1
+    assert log(*[weak] * 40) == 1  # once
+
+
+def test_the_weak_expert_term_warning_fires_on_an_unfamiliar_style_and_only_there(tiny_model_dir, tmp_path, caplog):
+    warning = WEAK_EXPERT_TERM_WARNING
+    # A random model has never produced the experts' answers: every token is improbable, phi ~ p is tiny
+    with caplog.at_level(logging.WARNING):
+        phi_run = _strength_run(tiny_model_dir, tmp_path, "phi", "phi", max_steps=21)
+    assert caplog.text.count(warning) == 1
+    assert "chord_token_weight_normalization='mean'" in caplog.text
+    assert all(entry["chord/effective_mu"] < 0.1 for entry in phi_run.state.log_history if "chord/mu" in entry)
+    # Uniform weights always act at mu
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _strength_run(tiny_model_dir, tmp_path, "uniform", "uniform", max_steps=21)
+    assert warning not in caplog.text
+    # A policy that already reproduces the experts (trained on them first): phi is small there too, rightly
+    trained = _strength_run(tiny_model_dir, tmp_path, "sft", "uniform", max_steps=30, learning_rate=3e-2)
+    trained.save_model(str(tmp_path / "trained"))
+    trained.processing_class.save_pretrained(str(tmp_path / "trained"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        reproduced = _strength_run(str(tmp_path / "trained"), tmp_path, "phi-trained", "phi", max_steps=21)
+    assert warning not in caplog.text
+    # phi is as weak as on the unfamiliar style, but no expert token is improbable any more
+    logs = [entry for entry in reproduced.state.log_history if "chord/mu" in entry]
+    assert all(entry["chord/effective_mu"] < 0.1 and entry["chord/expert_prob_below_0.1"] == 0 for entry in logs)
+    assert logs[-1]["chord/expert_prob_above_0.9"] == 1

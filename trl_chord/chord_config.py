@@ -4,7 +4,7 @@ from dataclasses import dataclass, field, fields
 from trl import GRPOConfig
 
 from .expert_head import EXPERT_HEADS
-from .losses import SFT_LOSS_AGGREGATIONS, TOKEN_WEIGHTINGS
+from .losses import SFT_LOSS_AGGREGATIONS, TOKEN_WEIGHT_NORMALIZATIONS, TOKEN_WEIGHTINGS
 
 
 @dataclass
@@ -55,6 +55,12 @@ class ChordConfig(GRPOConfig):
             (`(1 - p) ** chord_focal_gamma`). Unset: `"phi"` if `chord_enable_phi_function` else `"uniform"`.
         chord_focal_gamma (`float`, *optional*, defaults to `2.0`):
             Exponent of the focal token weighting, `>= 0`.
+        chord_token_weight_normalization (`str`, *optional*, defaults to `"none"`):
+            `"mean"`: each expert micro-batch's token weights are rescaled to mean 1 over its expert tokens (as the
+            entropy weighting's always are), so that the weightings differ in which tokens they favour, not in how much
+            the expert term weighs: phi's weights average about 0.02 where the expert's style is far from the policy's,
+            which makes `mu = 0.1` act like `mu = 0.002` (`chord/effective_mu` shows it). `"none"`: the weights as the
+            weighting defines them (the paper's CHORD-phi).
         chord_sft_per_device_train_batch_size (`int`, *optional*, defaults to `1`):
             Number of expert examples in the SFT micro-batch drawn on each process at every GRPO micro-step.
         chord_sft_dataset_proportions (`dict[str, float]` or `str`, *optional*):
@@ -127,6 +133,14 @@ class ChordConfig(GRPOConfig):
         },
     )
     chord_focal_gamma: float = field(default=2.0, metadata={"help": "Exponent of the focal token weighting, >= 0."})
+    chord_token_weight_normalization: str = field(
+        default="none",
+        metadata={
+            "help": "mean: rescale each expert micro-batch's token weights to mean 1 (matched strength across "
+            "weightings). none: the weights as the weighting defines them (the paper's CHORD-phi).",
+            "choices": list(TOKEN_WEIGHT_NORMALIZATIONS),
+        },
+    )
     chord_sft_per_device_train_batch_size: int = field(
         default=1,
         metadata={
@@ -223,6 +237,11 @@ class ChordConfig(GRPOConfig):
             )
         if self.chord_expert_head not in EXPERT_HEADS:
             raise ValueError(f"`chord_expert_head` must be one of {EXPERT_HEADS}, got {self.chord_expert_head!r}.")
+        if self.chord_token_weight_normalization not in TOKEN_WEIGHT_NORMALIZATIONS:
+            raise ValueError(
+                f"`chord_token_weight_normalization` must be one of {TOKEN_WEIGHT_NORMALIZATIONS}, got "
+                f"{self.chord_token_weight_normalization!r}."
+            )
         if self.chord_focal_gamma < 0:
             raise ValueError(f"`chord_focal_gamma` must be >= 0, got {self.chord_focal_gamma}.")
         if self.chord_token_weighting is None:

@@ -2,6 +2,7 @@ import json
 import math
 import os
 import textwrap
+from contextlib import contextmanager
 
 import torch
 from accelerate.utils import DistributedType, is_peft_model
@@ -11,7 +12,7 @@ from transformers.training_args import OptimizerNames
 from transformers.utils import logging
 from trl import GRPOTrainer
 
-from .callbacks import ChordMuCallback
+from .callbacks import ChordMuCallback, WeakExpertTermCallback
 from .checkpoints import CHORD_STATE_NAME, checkpoint_problem, complete_checkpoints
 from .chord_config import ChordConfig
 from .expert_data import (
@@ -22,11 +23,51 @@ from .expert_data import (
     prepare_expert_dataset,
 )
 from .expert_head import LMHeadProbe, add_expert_loss_head
-from .losses import ExpertLossOutput
+from .losses import HIGH_PROB, LOW_PROB, ExpertLossOutput, expert_term_strength
 from .schedule import chord_mu_is_ever_positive
 
 
 logger = logging.get_logger(__name__)
+
+# The sums of an `ExpertLossOutput` that the expert term's metrics are made of, reduced over processes
+EXPERT_METRIC_SUMS = (
+    "nll_sum",
+    "prob_sum",
+    "weight_sum",
+    "num_tokens",
+    "scaled_weight_sum",
+    "scale_sum",
+    "low_prob_tokens",
+    "high_prob_tokens",
+)
+
+
+class TermGradientNorms:
+    """
+    The squared norm of the gradient each term sends to the trainable parameters in one micro-step, summed by a hook
+    on each parameter while [`measuring`] is active: `term` names the term whose backward runs now (`"expert"` or
+    `"grpo"`). It needs the terms' backwards to be separate (the expert term's first); a hook sees the gradient before
+    it is accumulated into `.grad` (and, under DDP, before the all-reduce).
+    """
+
+    def __init__(self, parameters):
+        self.parameters = [param for param in parameters if param.requires_grad]
+        self.term = "grpo"
+        self.squared: dict[str, torch.Tensor] = {}
+
+    def _add(self, grad: torch.Tensor) -> None:
+        squared = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).square()
+        self.squared[self.term] = self.squared[self.term] + squared if self.term in self.squared else squared
+
+    @contextmanager
+    def measuring(self):
+        self.term, self.squared = "grpo", {}
+        handles = [param.register_hook(self._add) for param in self.parameters]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 def expert_backward_runs_first(distributed_type: DistributedType, optim: str) -> bool:
@@ -140,6 +181,8 @@ class ChordTrainer(GRPOTrainer):
             adaptive_tau=args.chord_adaptive_mu_tau if args.chord_mu_schedule == "adaptive" else None,
         )
         self.add_callback(self.mu_callback)
+        if mu_ever_positive:
+            self.add_callback(WeakExpertTermCallback())
         self._warned_zero_advantages = False
         self._logged_grpo_skip = False
         self.skips_grpo_at_mu_one = (
@@ -183,8 +226,10 @@ class ChordTrainer(GRPOTrainer):
                 aggregation=args.chord_sft_loss_agg_mode,
                 norm_length=args.chord_sft_max_length,
                 head=args.chord_expert_head,
+                normalization=args.chord_token_weight_normalization,
             )
         self.backward_expert_term_first = expert_backward_runs_first(self.accelerator.distributed_type, args.optim)
+        self.term_gradient_norms = TermGradientNorms(self.model.parameters())
 
     @property
     def chord_mu(self) -> float:
@@ -321,7 +366,9 @@ class ChordTrainer(GRPOTrainer):
                 expert, per_source = self._expert_loss(model)
                 expert_term = mu * expert.loss / accumulation_steps
                 # `training_step` hands the returned loss to this same call, so both terms are scaled alike
+                self.term_gradient_norms.term = "expert"
                 self.accelerator.backward(expert_term)
+                self.term_gradient_norms.term = "grpo"
             expert_term = expert_term.detach()
         elif mu > 0:
             expert, per_source = self._expert_loss(model)
@@ -330,6 +377,7 @@ class ChordTrainer(GRPOTrainer):
         stats = []
         if skip_grpo:
             loss = expert_term
+            self.term_gradient_norms.term = "expert"  # the backward of the returned loss is the expert term's
         else:
             grpo_loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             advantages = inputs["advantages"]
@@ -340,7 +388,7 @@ class ChordTrainer(GRPOTrainer):
             ]
             loss = (1.0 - mu) * grpo_loss + expert_term if mu > 0 else grpo_loss
         if mu > 0:
-            stats += [expert.loss.detach(), expert.nll_sum, expert.prob_sum, expert.weight_sum, expert.num_tokens]
+            stats += [expert.loss.detach(), *(expert[name] for name in EXPERT_METRIC_SUMS)]
             if self.aux_loss_enabled:
                 stats.append(expert.aux_loss.detach())
             if per_source is not None:
@@ -357,10 +405,36 @@ class ChordTrainer(GRPOTrainer):
             totals = totals[3:]
         if mu > 0:
             num_sources = 0 if self.expert_source_names is None else len(self.expert_source_names)
-            self._log_expert_term(*totals[: len(totals) - 2 * num_sources])
+            self._log_expert_term(mu, *totals[: len(totals) - 2 * num_sources])
             if num_sources:
                 self._log_expert_sources(totals[-2 * num_sources :])
         return loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self.backward_expert_term_first:
+            # One joint backward (DeepSpeed, FSDP, LOMO): the terms' gradients arrive summed, and cannot be told apart
+            return super().training_step(model, inputs, num_items_in_batch)
+        with self.term_gradient_norms.measuring():
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        self._log_term_gradient_norms()
+        return loss
+
+    def _log_term_gradient_norms(self) -> None:
+        """
+        `chord/expert_grad_norm` and `chord/grpo_grad_norm`: the norms of `mu * grad(L_SFT)` and
+        `(1 - mu) * grad(L_GRPO)` of this micro-step on each process (before the all-reduce and clipping), on the scale
+        of the trainer's `grad_norm` (times the accumulation steps, over any loss scale), averaged over processes.
+        """
+        squared = self.term_gradient_norms.squared
+        terms = [term for term in ("expert", "grpo") if term in squared]  # alike on every process: mu decides it
+        if not terms:
+            return
+        scaler = getattr(self.accelerator, "scaler", None)
+        scale = self.current_gradient_accumulation_steps / (scaler.get_scale() if scaler is not None else 1.0)
+        norms = torch.stack([squared[term].sqrt() for term in terms]).to(self.accelerator.device) * scale
+        norms = self.accelerator.reduce(norms, reduction="mean").tolist()
+        for term, norm in zip(terms, norms):
+            self._metrics["train"][f"chord/{term}_grad_norm"].append(norm)
 
     def _log_grpo_term(self, grpo_loss: float, nonzero_advantages: float, num_rollouts: float) -> None:
         """The GRPO term's metrics, from sums over processes."""
@@ -388,20 +462,25 @@ class ChordTrainer(GRPOTrainer):
             if num_tokens > 0:
                 metrics[f"chord/expert_nll/{name}"].append(nll_sum / num_tokens)
 
-    def _log_expert_term(self, sft_loss, nll_sum, prob_sum, weight_sum, num_tokens, aux_loss=None) -> None:
-        """The expert term's metrics, from sums over processes."""
+    def _log_expert_term(self, mu: float, sft_loss: float, *sums: float) -> None:
+        """The expert term's metrics, from sums over processes (`sums`: [`EXPERT_METRIC_SUMS`], then the aux loss)."""
         self._raise_if_not_finite("SFT", sft_loss)
+        totals = dict(zip(EXPERT_METRIC_SUMS, sums))
         metrics = self._metrics["train"]
         num_processes = self.accelerator.num_processes
+        num_tokens = max(totals["num_tokens"], 1.0)
         metrics["chord/sft_loss"].append(sft_loss / num_processes)
-        metrics["chord/expert_nll"].append(nll_sum / max(num_tokens, 1.0))
-        metrics["chord/expert_token_prob"].append(prob_sum / max(num_tokens, 1.0))
-        metrics["chord/expert_tokens"].append(num_tokens)
-        if aux_loss is not None:
-            metrics["chord/expert_aux_loss"].append(aux_loss / num_processes)
-        if self.args.chord_token_weighting != "uniform":
-            name = "phi" if self.args.chord_token_weighting == "phi" else "token_weight"
-            metrics[f"chord/{name}_mean"].append(weight_sum / max(num_tokens, 1.0))
+        metrics["chord/expert_nll"].append(totals["nll_sum"] / num_tokens)
+        metrics["chord/expert_token_prob"].append(totals["prob_sum"] / num_tokens)
+        metrics["chord/expert_tokens"].append(totals["num_tokens"])
+        metrics["chord/token_weight_mean"].append(totals["weight_sum"] / num_tokens)
+        metrics[f"chord/expert_prob_below_{LOW_PROB}"].append(totals["low_prob_tokens"] / num_tokens)
+        metrics[f"chord/expert_prob_above_{HIGH_PROB}"].append(totals["high_prob_tokens"] / num_tokens)
+        metrics["chord/effective_mu"].append(
+            mu * expert_term_strength(totals["scaled_weight_sum"], totals["scale_sum"])
+        )
+        if len(sums) > len(EXPERT_METRIC_SUMS):
+            metrics["chord/expert_aux_loss"].append(sums[-1] / num_processes)
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)

@@ -31,6 +31,7 @@ from .losses import (
     ExpertLossOutput,
     expert_sft_loss,
     token_loss_scales,
+    token_metric_sums,
     token_weight_scale,
     token_weights,
     unnormalized_token_weight_bound,
@@ -126,6 +127,7 @@ class _WeightedNLLFunction(torch.autograd.Function):
         token_scales,
         weighting,
         focal_gamma,
+        normalization,
         compute_dtype,
         chunk_tokens,
         gradient_in_forward,
@@ -172,8 +174,9 @@ class _WeightedNLLFunction(torch.autograd.Function):
                 )
             del probs
 
-        # "entropy" divides every weight by their mean, known only now: the gradients take the same factor
-        scale = token_weight_scale(weighting, raw_weights, torch.ones_like(raw_weights))
+        # A mean-normalised weighting ("entropy", or any with normalization="mean") divides every weight by their
+        # mean, known only now: the gradients take the same factor
+        scale = token_weight_scale(weighting, raw_weights, torch.ones_like(raw_weights), normalization)
         weights = raw_weights * scale
         loss = -(log_probs * weights * token_scales).sum()
         ctx.mark_non_differentiable(log_probs, weights)
@@ -205,7 +208,7 @@ class _WeightedNLLFunction(torch.autograd.Function):
         grads = tuple(
             None if grad is None else (grad * grad_loss).to(dtype) for grad, dtype in zip(grads, ctx.input_dtypes)
         )
-        return *grads, None, None, None, None, None, None, None
+        return *grads, None, None, None, None, None, None, None, None
 
 
 def _recomputed_gradients(ctx) -> tuple:
@@ -254,6 +257,7 @@ def weighted_expert_nll(
     tile_bytes: int = EXPERT_HEAD_TILE_BYTES,
     gradient_in_forward: bool = True,
     token_scales: torch.Tensor | None = None,
+    normalization: str = "none",
 ) -> ExpertLossOutput:
     """
     The expert SFT loss of [`expert_sft_loss`] with the weights of [`token_weights`], straight from the LM head's
@@ -267,7 +271,7 @@ def weighted_expert_nll(
             The LM head.
         targets (`torch.Tensor` of shape `(num_tokens,)`):
             The expert token each row predicts.
-        weighting (`str`) and focal_gamma (`float`):
+        weighting (`str`), focal_gamma (`float`) and normalization (`str`, *optional*, defaults to `"none"`):
             As in [`token_weights`].
         compute_dtype (`torch.dtype`, *optional*):
             Dtype of the head's products (the softmax and the gradient sums run in at least fp32); defaults to
@@ -287,26 +291,23 @@ def weighted_expert_nll(
         token_scales = torch.full(targets.shape, 1.0 / max(targets.numel(), 1), device=hidden.device)
     chunk_tokens = max(1, tile_bytes // (4 * weight.shape[0]))
     # The products run in `compute_dtype` exactly, whatever autocast would choose for them
+    token_scales = token_scales.to(device=hidden.device, dtype=float_dtype)
     with torch.autocast(hidden.device.type, enabled=False):
         loss, log_probs, weights = _WeightedNLLFunction.apply(
             hidden,
             weight,
             bias,
             targets,
-            token_scales.to(device=hidden.device, dtype=float_dtype),
+            token_scales,
             weighting,
             focal_gamma,
+            normalization,
             compute_dtype or hidden.dtype,
             chunk_tokens,
             gradient_in_forward,
         )
     return ExpertLossOutput(
-        loss=loss,
-        token_log_probs=log_probs,
-        nll_sum=-log_probs.sum(),
-        prob_sum=log_probs.exp().sum(),
-        weight_sum=weights.sum(),
-        num_tokens=torch.tensor(float(targets.numel()), device=log_probs.device),
+        loss=loss, token_log_probs=log_probs, **token_metric_sums(log_probs, weights, token_scales)
     )
 
 
@@ -341,7 +342,7 @@ class ExpertHead:
     any of it): the expert term's settings, the forwards it calls, and the LM head chosen for it.
 
     Attributes:
-        weighting, focal_gamma, aggregation, norm_length, cast_lm_head_to_fp32:
+        weighting, focal_gamma, normalization, aggregation, norm_length, cast_lm_head_to_fp32:
             As in [`add_expert_loss_head`].
         requested (`str`):
             `chord_expert_head`: `"auto"` (the probe chooses) or one of [`HEAD_PATHS`] (the probe checks it).
@@ -355,6 +356,7 @@ class ExpertHead:
 
     weighting: str
     focal_gamma: float
+    normalization: str
     cast_lm_head_to_fp32: bool
     aggregation: str
     norm_length: int | None
@@ -694,6 +696,7 @@ def add_expert_loss_head(
     aggregation: str = "token-mean",
     norm_length: int | None = None,
     head: str = "auto",
+    normalization: str = "none",
 ) -> None:
     """
     Let `model(input_ids, attention_mask, labels, chord_expert_loss=True)` return the expert SFT loss as an
@@ -704,9 +707,10 @@ def add_expert_loss_head(
     ([`choose_lm_head`]: `head` is `"auto"` or one of [`HEAD_PATHS`], checked); `model.chord_expert_head.choice` then
     says which and why. `chord_head_gradient_in_forward` (default `True`) is passed on to [`weighted_expert_nll`].
     The per-token losses are aggregated as `aggregation` says ([`token_loss_scales`], with `norm_length` for
-    `"seq-mean-token-sum-norm"`). With `output_router_logits=True`, a Mixture-of-Experts model's load-balancing loss on
-    the expert micro-batch comes back as `aux_loss`, as the model's own forward computes it. A deep copy of the model
-    is the model as loaded, without either head.
+    `"seq-mean-token-sum-norm"`), with the token weights of `weighting`, rescaled to mean 1 per micro-batch with
+    `normalization="mean"` ([`token_weights`]). With `output_router_logits=True`, a Mixture-of-Experts model's
+    load-balancing loss on the expert micro-batch comes back as `aux_loss`, as the model's own forward computes it. A
+    deep copy of the model is the model as loaded, without either head.
     """
     if head not in EXPERT_HEADS:
         raise ValueError(f"The expert LM head must be one of {EXPERT_HEADS}, got {head!r}.")
@@ -716,6 +720,7 @@ def add_expert_loss_head(
     model.chord_expert_head = ExpertHead(
         weighting=weighting,
         focal_gamma=focal_gamma,
+        normalization=normalization,
         cast_lm_head_to_fp32=cast_lm_head_to_fp32,
         aggregation=aggregation,
         norm_length=norm_length,
@@ -741,7 +746,9 @@ def expert_head_forward(
     kwargs["use_cache"] = False
 
     def loss_from_log_probs(log_probs, mask, entropies=None):
-        weights = token_weights(head.weighting, log_probs, mask, entropies=entropies, focal_gamma=head.focal_gamma)
+        weights = token_weights(
+            head.weighting, log_probs, mask, entropies, focal_gamma=head.focal_gamma, normalization=head.normalization
+        )
         scales = token_loss_scales(mask, head.aggregation, head.norm_length, dtype=log_probs.dtype)
         return expert_sft_loss(log_probs, mask, weights, scales)
 
@@ -801,6 +808,7 @@ def expert_head_forward(
             compute_dtype,
             gradient_in_forward=chord_head_gradient_in_forward,
             token_scales=token_loss_scales(mask, head.aggregation, head.norm_length, float_dtype)[mask],
+            normalization=head.normalization,
         )
     token_log_probs = loss.token_log_probs
     log_probs = token_log_probs.new_zeros(mask.shape).masked_scatter(mask.to(token_log_probs.device), token_log_probs)

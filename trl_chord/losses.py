@@ -8,6 +8,10 @@ from transformers.utils import ModelOutput
 
 
 TOKEN_WEIGHTINGS = ("uniform", "phi", "is", "entropy", "focal")
+# "mean": each micro-batch's token weights rescaled to mean 1 over its expert tokens (the entropy weighting always is)
+TOKEN_WEIGHT_NORMALIZATIONS = ("none", "mean")
+# Expert tokens the policy finds implausible, or near-certain, for the `chord/expert_prob_*` metrics
+LOW_PROB, HIGH_PROB = 0.1, 0.9
 # Trinity-RFT's and verl's names for how per-token losses become one number
 SFT_LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
@@ -64,9 +68,18 @@ def unnormalized_token_weight_bound(weighting: str, vocab_size: int, focal_gamma
     raise ValueError(f"Unknown token weighting {weighting!r}; expected one of {TOKEN_WEIGHTINGS}.")
 
 
-def token_weight_scale(weighting: str, unnormalized_weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The micro-batch factor of [`token_weights`]: 1 over the masked mean for `"entropy"`, else 1."""
-    if weighting != "entropy":
+def token_weight_scale(
+    weighting: str, unnormalized_weights: torch.Tensor, mask: torch.Tensor, normalization: str = "none"
+) -> torch.Tensor:
+    """
+    The micro-batch factor of [`token_weights`]: 1 over the masked mean where the weights are rescaled to mean 1
+    (`"entropy"` always, every weighting with `normalization="mean"`), else 1.
+    """
+    if normalization not in TOKEN_WEIGHT_NORMALIZATIONS:
+        raise ValueError(
+            f"Unknown token weight normalization {normalization!r}; expected one of {TOKEN_WEIGHT_NORMALIZATIONS}."
+        )
+    if weighting != "entropy" and normalization == "none":
         return unnormalized_weights.new_ones(())
     mask = mask.to(unnormalized_weights.dtype)
     mean = (unnormalized_weights * mask).sum() / mask.sum().clamp(min=1.0)
@@ -79,6 +92,7 @@ def token_weights(
     mask: torch.Tensor,
     entropies: torch.Tensor | None = None,
     focal_gamma: float = 2.0,
+    normalization: str = "none",
 ) -> torch.Tensor:
     """
     Detached per-token weights of the expert NLL, `w` in `-logp * stopgrad(w)`.
@@ -90,9 +104,12 @@ def token_weights(
       tokens where the policy is uncertain count more, and the weights average 1 (the paper's entropy-normalised
       variant).
     - `"focal"`: `(1 - p) ** focal_gamma`: tokens the policy finds unlikely count more (the paper saw it collapse).
+
+    With `normalization="mean"`, the weights of the micro-batch (`mask`) are rescaled to mean 1, as the entropy
+    weighting's are: the weightings then differ in which tokens they favour, not in how much the expert term weighs.
     """
     weights = unnormalized_token_weights(weighting, per_token_logps, entropies, focal_gamma)
-    return weights * token_weight_scale(weighting, weights, mask)
+    return weights * token_weight_scale(weighting, weights, mask, normalization)
 
 
 def token_loss_scales(
@@ -138,7 +155,10 @@ class ExpertLossOutput(ModelOutput):
     A `ModelOutput`, so that a model's forward can return it through DDP and DeepSpeed wrappers. `aux_loss` is the
     router load-balancing loss of a Mixture-of-Experts model on the expert micro-batch, when it was asked for;
     `token_log_probs` the log-probability of each expert token, in order; `row_nll_sums` and `row_num_tokens` the NLL
-    sum and token count of each sequence of the micro-batch.
+    sum and token count of each sequence of the micro-batch. `scaled_weight_sum` and `scale_sum` are `sum(c * w)` and
+    `sum(c)` over the expert tokens (`c` each token's factor in the aggregation, `w` its weight): their ratio is the
+    term's strength against uniform weights ([`expert_term_strength`]). `low_prob_tokens` and `high_prob_tokens` count
+    the expert tokens with `p <` [`LOW_PROB`] and `p >` [`HIGH_PROB`].
     """
 
     loss: torch.Tensor | None = None
@@ -150,6 +170,40 @@ class ExpertLossOutput(ModelOutput):
     prob_sum: torch.Tensor | None = None
     weight_sum: torch.Tensor | None = None
     num_tokens: torch.Tensor | None = None
+    scaled_weight_sum: torch.Tensor | None = None
+    scale_sum: torch.Tensor | None = None
+    low_prob_tokens: torch.Tensor | None = None
+    high_prob_tokens: torch.Tensor | None = None
+
+
+def token_metric_sums(
+    token_log_probs: torch.Tensor, weights: torch.Tensor, scales: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """
+    The detached sums of an [`ExpertLossOutput`] over a micro-batch's expert tokens, given each one's log-probability,
+    weight and aggregation factor (1-D, expert tokens only).
+    """
+    log_probs, weights, scales = token_log_probs.detach(), weights.detach(), scales.detach().to(weights.dtype)
+    probs = log_probs.exp()
+    return {
+        "nll_sum": -log_probs.sum(),
+        "prob_sum": probs.sum(),
+        "weight_sum": weights.sum(),
+        "num_tokens": torch.tensor(float(log_probs.numel()), device=log_probs.device, dtype=log_probs.dtype),
+        "scaled_weight_sum": (scales * weights).sum(),
+        "scale_sum": scales.sum(),
+        "low_prob_tokens": (probs < LOW_PROB).sum().to(log_probs.dtype),
+        "high_prob_tokens": (probs > HIGH_PROB).sum().to(log_probs.dtype),
+    }
+
+
+def expert_term_strength(scaled_weight_sum: float, scale_sum: float) -> float:
+    """
+    How strongly the weighted expert term pulls against plain (uniform-weighted) SFT under the same aggregation:
+    `sum(c * w) / sum(c)`, the `c`-weighted mean token weight. 1 for uniform weights (and for mean-normalised ones
+    under a token mean); `mu` times it is the effective `mu`. With no expert token, 1.
+    """
+    return scaled_weight_sum / scale_sum if scale_sum > 0 else 1.0
 
 
 def expert_sft_loss(
@@ -179,11 +233,6 @@ def expert_sft_loss(
     mask = mask.to(torch.bool)
     per_token_nll = torch.where(mask, -per_token_logps, 0.0)
     weights = torch.where(mask, weights.detach(), 0.0)
-    loss = (per_token_nll * weights * scales.to(per_token_nll.dtype)).sum()
-    return ExpertLossOutput(
-        loss=loss,
-        nll_sum=per_token_nll.detach().sum(),
-        prob_sum=torch.where(mask, per_token_logps.detach().exp(), 0.0).sum(),
-        weight_sum=weights.sum(),
-        num_tokens=mask.sum().to(per_token_logps.dtype),
-    )
+    scales = scales.to(per_token_nll.dtype)
+    loss = (per_token_nll * weights * scales).sum()
+    return ExpertLossOutput(loss=loss, **token_metric_sums(per_token_logps[mask], weights[mask], scales[mask]))

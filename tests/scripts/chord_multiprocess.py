@@ -27,6 +27,7 @@ def main():
     parser.add_argument("--mu-valley", type=float, default=None, help="defaults to 0 with decay steps, else the peak")
     parser.add_argument("--mu-decay-steps", type=int, default=0)
     parser.add_argument("--aggregation", default="token-mean")
+    parser.add_argument("--normalization", default="none", help="chord_token_weight_normalization")
     parser.add_argument("--expert-lengths", type=int, nargs="*", help="completion lengths (characters) of the experts")
     parser.add_argument("--sgd", action="store_true", help="plain SGD, so that runs can be compared weight by weight")
     parser.add_argument("--joint-backward", action="store_true", help="one backward through both terms")
@@ -69,6 +70,7 @@ def main():
         else (0.0 if args.mu_decay_steps else args.mu_peak),
         chord_mu_decay_steps=args.mu_decay_steps,
         chord_sft_loss_agg_mode=args.aggregation,
+        chord_token_weight_normalization=args.normalization,
         chord_sft_max_length=64,
         chord_sft_per_device_train_batch_size=2,
         deepspeed=deepspeed,
@@ -106,6 +108,7 @@ def main():
             digest.update(state_dict[name].detach().to(torch.float32).contiguous().numpy().tobytes())
         digest = digest.hexdigest()
     rank = trainer.accelerator.process_index
+    logs = [entry for entry in trainer.state.log_history if "chord/mu" in entry]
     if rank == 0:
         torch.save(state_dict, os.path.join(args.output, "weights.pt"))
     result = {
@@ -113,11 +116,10 @@ def main():
         "num_processes": trainer.accelerator.num_processes,
         "drawn": drawn,
         "shard_size": trainer.expert_sampler.shard_size,
-        "mu": [entry["chord/mu"] for entry in trainer.state.log_history if "chord/mu" in entry],
-        "sft_loss": [entry.get("chord/sft_loss") for entry in trainer.state.log_history if "chord/mu" in entry],
-        "grpo_skipped": [
-            entry.get("chord/grpo_skipped") for entry in trainer.state.log_history if "chord/mu" in entry
-        ],
+        "mu": [entry["chord/mu"] for entry in logs],
+        "sft_loss": [entry.get("chord/sft_loss") for entry in logs],
+        "effective_mu": [entry.get("chord/effective_mu") for entry in logs],
+        "grpo_skipped": [entry.get("chord/grpo_skipped") for entry in logs],
         "generations": generations,
         "weights_sha256": digest,
         "backward_expert_term_first": trainer.backward_expert_term_first,
