@@ -80,6 +80,10 @@ def test_quick_paper_table(tmp_path):
         for columns in differences.values():
             for column in COLUMNS:
                 assert columns[column]["low"] <= columns[column]["mean"] <= columns[column]["high"]
+    # The quick grid is one rate: it is an edge on both sides, so every arm's grid grows one rate each way
+    for name, grid in report["learning_rate_grids"].items():
+        assert len(grid["added_below"]) == len(grid["added_above"]) == scale["max_grid_extensions"], name
+        assert grid["rates"] == sorted(scale["learning_rates"] + grid["added_below"] + grid["added_above"]), name
     for name in ARMS:
         tradeoff = report["tradeoff"][name]
         assert tradeoff["points"] and all(tradeoff["frontiers"].values()), name

@@ -16,11 +16,12 @@ teach, a second skill to keep and an out-of-distribution split.
    three-digit + three-digit sums the starting model almost never gets right: P5) and the same expert demonstrations
    (other sums of both families, in a longer WORKED style), with a reward for the correct answer in either style and
    no format term.
-3. On the selection seed (never reported), every method runs every setting of its grid: each learning rate (SFT's
-   grid goes one step higher, where its optimum lies), CHORD-mu's decay length too, and for SFT-best -> GRPO a
-   learning rate per phase (SFT's chosen on the best validation score of any of its checkpoints, the GRPO phase's on
-   the final validation score from that checkpoint). The setting with the best validation score (the mean accuracy
-   of the two families' validation splits) runs on the reported seeds.
+3. On the selection seed (never reported), every method runs every setting of its grid: each learning rate of a
+   common grid (which grows by one rate past an edge where the method's best rate sits, so that the grid brackets
+   it), CHORD-mu's decay length too, and for SFT-best -> GRPO a learning rate per phase (SFT's chosen on the best
+   validation score of any of its checkpoints, the GRPO phase's on the final validation score from that
+   checkpoint). The setting with the best validation score (the mean accuracy of the two families' validation
+   splits) runs on the reported seeds.
 4. Scores over steps, by greedy decoding: two-digit test sums (in distribution), hard test sums, three-digit +
    two-digit sums (out of distribution, never trained on) and test words to reverse (retention of G). The report has
    each method's final scores over the reported seeds, paired differences against GRPO and against SFT-best -> GRPO
@@ -34,6 +35,7 @@ prints the tables.
 import argparse
 import functools
 import json
+import math
 import os
 import platform
 import random
@@ -110,8 +112,8 @@ class Scale:
 
     selection_seed: int  # runs every setting of every grid; never reported
     seeds: list[int]  # the reported seeds: each method at its chosen setting
-    learning_rates: list[float]
-    sft_learning_rates: list[float]  # SFT's grid (and its phase's): SFT's optimum lies higher than the others'
+    learning_rates: list[float]  # every arm's grid to begin with, on the ladder 1, 3, 10, 30, ... x 10^k
+    max_grid_extensions: int  # rates an arm's grid may gain past each edge where its best rate sits
     chord_mu_decay_fractions: list[float]  # CHORD-mu's decay lengths, as fractions of `steps`
     steps: int
     eval_every: int
@@ -131,7 +133,7 @@ FULL = Scale(
     selection_seed=0,
     seeds=[1, 2, 3, 4, 5],
     learning_rates=[3e-5, 1e-4, 3e-4, 1e-3],
-    sft_learning_rates=[3e-5, 1e-4, 3e-4, 1e-3, 3e-3],
+    max_grid_extensions=2,
     chord_mu_decay_fractions=[0.25, 0.5, 1.0],
     steps=150,
     eval_every=25,
@@ -149,8 +151,8 @@ FULL = Scale(
 QUICK = Scale(
     selection_seed=0,
     seeds=[1],
-    learning_rates=[3e-4, 1e-3],
-    sft_learning_rates=[3e-4, 1e-3],
+    learning_rates=[1e-3],
+    max_grid_extensions=1,  # so that every grid grows both ways, and the growth is exercised
     chord_mu_decay_fractions=[0.5],
     steps=2,
     eval_every=1,
@@ -296,13 +298,29 @@ ARMS_BY_NAME = {arm.name: arm for arm in ARMS}
 REFERENCES = ("grpo", "sft_best_grpo")
 
 
-def settings(arm: Arm, scale: Scale) -> list[dict]:
-    """Every setting of the arm's selection grid, in the order ties are broken (lowest rate, shortest decay first)."""
+def settings(arm: Arm, scale: Scale, rates: list[float]) -> list[dict]:
+    """
+    Every setting of the arm's selection grid at these learning rates, in the order ties are broken (lowest rate,
+    shortest decay first).
+    """
+    rates = sorted(rates)
     if "decay" in arm.grid:
         decays = [max(1, round(fraction * scale.steps)) for fraction in scale.chord_mu_decay_fractions]
-        return [{"learning_rate": rate, "decay_steps": decay} for rate in scale.learning_rates for decay in decays]
-    rates = scale.sft_learning_rates if arm.name == "sft" else scale.learning_rates
+        return [{"learning_rate": rate, "decay_steps": decay} for rate in rates for decay in decays]
     return [{"learning_rate": rate} for rate in rates]
+
+
+def next_rate(rate: float, direction: int) -> float:
+    """The neighbour of `rate` on the ladder 1, 3, 10, 30, ... x 10^k: above it (`direction` 1) or below it (-1)."""
+    exponent = math.floor(math.log10(rate) + 1e-9)
+    mantissa = round(rate / 10**exponent)
+    if mantissa not in (1, 3):
+        raise ValueError(f"learning rate {rate:g} is not on the ladder 1, 3, 10, 30, ... x 10^k")
+    if direction > 0:
+        value = 3 * 10**exponent if mantissa == 1 else 10 ** (exponent + 1)
+    else:
+        value = 3 * 10 ** (exponent - 1) if mantissa == 1 else 10**exponent
+    return float(f"{value:.0e}")
 
 
 def setting_label(setting: dict) -> str:
@@ -514,9 +532,14 @@ def train_phase(
         expert_dataset=splits["expert"] if uses_expert else None,
     )
     trainer.remove_callback(PrinterCallback)
+    # The validation splits only select: SFT's at every evaluation (its best checkpoint), the others' at the last step
+    every = {
+        split: scale.eval_every if keep_checkpoints or split not in VALIDATION_SPLITS else steps
+        for split in CURVE_SPLITS
+    }
     callbacks = {
         split: HeldOutEvaluationCallback(
-            trainer, splits[split], scale.eval_every, EVAL_TOKENS[split], step_offset, name=split
+            trainer, splits[split], every[split], EVAL_TOKENS[split], step_offset, name=split
         )
         for split in CURVE_SPLITS
     }
@@ -619,16 +642,20 @@ def best_checkpoint(sft_run: dict, budget: str, scale: Scale) -> tuple[int, floa
     return -negative_step, score
 
 
-def choose_setting(runs: list[dict], arm: Arm, scale: Scale) -> dict:
-    """The setting with the best final validation score on the selection seed (ties: the first of the grid)."""
-    scores = {setting_label(run["setting"]): final_validation(run) for run in runs}
-    return max(settings(arm, scale), key=lambda setting: scores[setting_label(setting)])
+def choose_setting(runs: list[dict]) -> dict:
+    """
+    The setting with the best final validation score on the selection seed, of `runs` in the grid's order (ties: the
+    first).
+    """
+    return max(runs, key=final_validation)["setting"]
 
 
 def choose_sft_phase(sft_runs: list[dict], budget: str, scale: Scale) -> float:
-    """SFT's learning rate for a two-phase arm: the one whose best checkpoint (within the budget) validates best."""
-    scores = {run["setting"]["learning_rate"]: best_checkpoint(run, budget, scale)[1] for run in sft_runs}
-    return max(scale.sft_learning_rates, key=lambda rate: scores[rate])
+    """
+    SFT's learning rate for a two-phase arm: the one whose best checkpoint (within the budget) validates best, of
+    `sft_runs` in the grid's order (ties: the first).
+    """
+    return max(sft_runs, key=lambda run: best_checkpoint(run, budget, scale)[1])["setting"]["learning_rate"]
 
 
 class PreconditionFailed(RuntimeError):
@@ -687,8 +714,8 @@ class Experiment:
     """
     Every run of the experiment, `workers` at a time, each as soon as what it needs is known: the starting models
     first (their preconditions are printed before any method runs); on the selection seed every setting of every
-    grid (SFT's first, as the two-phase arms' sweeps need its checkpoints); on the reported seeds each arm at its
-    chosen setting, as soon as its sweep is complete.
+    grid (SFT's first, as the two-phase arms' sweeps need its checkpoints), the grid growing by one rate past an edge
+    where the arm's best rate sits; on the reported seeds each arm at its chosen setting, once its grid is final.
     """
 
     def __init__(self, scale: Scale, work_dir: str, workers: int):
@@ -696,13 +723,19 @@ class Experiment:
         self.starts: dict[int, dict] = {}
         self.runs: dict[Job, dict] = {}
         self.submitted: set[Job] = set()
+        self.rates = {arm.name: sorted(scale.learning_rates) for arm in ARMS}
+        self.added_rates: dict[str, dict[int, list[float]]] = {arm.name: {-1: [], 1: []} for arm in ARMS}
         self.started = time.time()
 
-    # What is chosen once the selection seed's sweep is in
+    def settings(self, arm: Arm) -> list[dict]:
+        return settings(arm, self.scale, self.rates[arm.name])
+
+    # What is chosen once the selection seed's sweep is in. `extend_grids` runs after every result, so a complete
+    # sweep is a final one.
     def sweep_runs(self, arm: Arm) -> list[dict] | None:
-        """The arm's runs on the selection seed, once every setting of its grid has one."""
+        """The arm's runs on the selection seed in the grid's order, once every setting of its grid has one."""
         seed = self.scale.selection_seed
-        found = [self.runs.get(job(arm.name, seed, setting)) for setting in settings(arm, self.scale)]
+        found = [self.runs.get(job(arm.name, seed, setting)) for setting in self.settings(arm)]
         return None if any(run is None for run in found) else found
 
     def sft_phase_rate(self, budget: str) -> float | None:
@@ -711,7 +744,32 @@ class Experiment:
 
     def chosen(self, arm: Arm) -> dict | None:
         runs = self.sweep_runs(arm)
-        return None if runs is None else choose_setting(runs, arm, self.scale)
+        return None if runs is None else choose_setting(runs)
+
+    def chosen_rates(self, arm: Arm) -> list[float]:
+        """The rates the arm's complete sweep picks: its own, and for SFT also those of the two-phase arms' phase."""
+        rates = [self.chosen(arm)["learning_rate"]]
+        if arm.name == "sft":
+            rates += [self.sft_phase_rate(budget) for budget in ("paper", "equal")]
+        return rates
+
+    def edges_reached(self, arm: Arm) -> list[int]:
+        """The edges of the arm's grid (-1 low, 1 high) where a chosen rate sits."""
+        rates, chosen = self.rates[arm.name], self.chosen_rates(arm)
+        return [direction for direction, edge in ((-1, rates[0]), (1, rates[-1])) if edge in chosen]
+
+    def extend_grids(self) -> None:
+        """Adds the next rate past each edge of a complete sweep where a chosen rate sits, up to the cap per edge."""
+        for arm in ARMS:
+            if self.sweep_runs(arm) is None:
+                continue
+            for direction in self.edges_reached(arm):
+                added = self.added_rates[arm.name][direction]
+                if len(added) < self.scale.max_grid_extensions:
+                    edge = self.rates[arm.name][0 if direction < 0 else -1]
+                    added.append(next_rate(edge, direction))
+                    self.rates[arm.name] = sorted(self.rates[arm.name] + added[-1:])
+                    print(f"{arm.name}: best rate at the edge {edge:g} of its grid, adding {added[-1]:g}", flush=True)
 
     def phase_one(self, arm: Arm, seed: int) -> dict | None:
         """The SFT phase a two-phase arm starts from on `seed`, once that seed's SFT run at the chosen rate is done."""
@@ -735,7 +793,7 @@ class Experiment:
             return prepare
         wanted = []
         for arm in ARMS:  # the sweep, SFT's first
-            for setting in settings(arm, scale):
+            for setting in self.settings(arm):
                 if arm.sft_budget is None:
                     wanted.append((job(arm.name, seed, setting), None))
                 elif (phase_one := self.phase_one(arm, seed)) is not None:
@@ -793,6 +851,8 @@ class Experiment:
             check(result, self.scale, elapsed)
             return
         self.runs[item] = result
+        if item.seed == self.scale.selection_seed:
+            self.extend_grids()
         phase = ""
         if "sft_phase" in result:
             phase = f" (SFT {result['sft_phase']['steps']} steps at {result['sft_phase']['learning_rate']:g})"
@@ -838,7 +898,7 @@ def mean_curves(runs: list[dict]) -> dict:
     their own step grids: the SFT phase's length differs)."""
     common = sorted(set.intersection(*({point["step"] for point in run["curves"]["test"]} for run in runs)))
     curves = {"steps": common}
-    for split in CURVE_SPLITS:
+    for split in COLUMNS:
         at = [{point["step"]: point["accuracy"] for point in run["curves"][split]} for run in runs]
         curves[split] = [statistics.fmean(by_step[step] for by_step in at) for step in common]
     return curves
@@ -1038,6 +1098,17 @@ def results(experiment: Experiment) -> dict:
             seed: {key: value for key, value in start.items() if key != "path"} for seed, start in starts.items()
         },
         "chosen_settings": chosen,
+        # Each arm's grid as the sweep left it: the rates added past an edge, and the edges a chosen rate still sits on
+        # (only where the cap stopped the growth)
+        "learning_rate_grids": {
+            arm.name: {
+                "rates": experiment.rates[arm.name],
+                "added_below": experiment.added_rates[arm.name][-1],
+                "added_above": experiment.added_rates[arm.name][1],
+                "chosen_at_edge": experiment.edges_reached(arm),
+            }
+            for arm in ARMS
+        },
         "sft_phase_learning_rates": {budget: experiment.sft_phase_rate(budget) for budget in ("paper", "equal")},
         "sweep": sweep_rows(experiment),
         "methods": summaries,
