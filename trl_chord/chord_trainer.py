@@ -411,8 +411,9 @@ class ChordTrainer(GRPOTrainer):
         return loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if not self.backward_expert_term_first:
-            # One joint backward (DeepSpeed, FSDP, LOMO): the terms' gradients arrive summed, and cannot be told apart
+        if not self.backward_expert_term_first or self.chord_mu == 0:
+            # One joint backward (DeepSpeed, FSDP, LOMO): the terms' gradients arrive summed, and cannot be told apart.
+            # With mu = 0 there is one term: nothing to compare, and the GRPO step stays exactly GRPOTrainer's
             return super().training_step(model, inputs, num_items_in_batch)
         with self.term_gradient_norms.measuring():
             loss = super().training_step(model, inputs, num_items_in_batch)
