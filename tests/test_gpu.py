@@ -48,6 +48,11 @@ from gpu_setup import (  # noqa: E402
 )
 
 
+# Deterministic cuBLAS, which the deterministic mode of the trainer tests asks for (else it warns on every product); it
+# must be set before the first product on the GPU, hence at import
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
 def _device() -> torch.device | None:
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -225,15 +230,27 @@ def test_expert_head_matches_fp64_full_logits_as_closely_as_standard_amp(
     assert our_error >= amp_error / 10, errors
 
 
+@pytest.fixture
+def full_precision_reductions():
+    """bf16 and fp16 products reduced in fp32 alone: cuBLAS may otherwise split a product's sum and add the parts in
+    bf16 or fp16, which would make the logits below depend on how many tokens a product has."""
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.allow_bf16_reduced_precision_reduction, matmul.allow_fp16_reduced_precision_reduction
+    matmul.allow_bf16_reduced_precision_reduction = matmul.allow_fp16_reduced_precision_reduction = False
+    yield
+    matmul.allow_bf16_reduced_precision_reduction, matmul.allow_fp16_reduced_precision_reduction = previous
+
+
 @pytest.mark.parametrize("gradient_in_forward", [True, False], ids=["gradient-in-forward", "recompute"])
 @pytest.mark.parametrize("precision", PRECISIONS, ids=lambda precision: precision.name)
 @pytest.mark.parametrize("vocab_size", VOCAB_SIZES, ids=["vocab32k", "vocab152k"])
-def test_expert_head_sums_its_chunks_in_fp32(vocab_size, precision, gradient_in_forward):
+def test_expert_head_sums_its_chunks_in_fp32(vocab_size, precision, gradient_in_forward, full_precision_reductions):
     """
     The head's weight gradient is a sum over token chunks of low-precision products. Rounding each chunk's product to
     bf16 before the sum (instead of `addmm(..., out_dtype=float32)` on CUDA) biases training while each step's error
     stays the size of standard AMP's, so the test above cannot see it; here six chunks must give what one does. The
-    inputs are multiples of powers of two whose logits any GEMM sums exactly, so that only the chunk sums can differ.
+    inputs are multiples of powers of two whose logits any fp32 reduction sums exactly, so that only the chunk sums can
+    differ.
     """
     generator = torch.Generator(device=DEVICE).manual_seed(1)
     options = {"device": DEVICE, "generator": generator}
@@ -315,6 +332,8 @@ def deterministic_kernels():
 def test_mu_zero_gives_grpo_trainers_update(tiny_model_dir, tmp_path, bf16, deterministic_kernels):
     settings = {**COMMON_ARGS, **PLAIN_SGD, "bf16": bf16, "max_steps": 1, "gradient_accumulation_steps": 2}
     settings["use_cpu"] = not ON_CUDA  # transformers refuses bf16 on the CPU otherwise
+    # Eager attention: its backward has no atomics (SDPA's memory-efficient kernel's has)
+    settings["model_init_kwargs"] = {"attn_implementation": "eager"}
     builders = {
         "grpo": lambda: GRPOTrainer(
             model=tiny_model_dir,

@@ -254,9 +254,10 @@ def measure_case(bench: ShapeBench, length: int, clock: StepClock, budget_s: flo
     deadline = Deadline(budget_s)
     bench.use_expert_length(length)
     variants = bench.variants()
-    started = time.perf_counter()
-    run_rounds(variants, clock.measure, settings.warmup_rounds)
-    round_s = (time.perf_counter() - started) / settings.warmup_rounds
+    for _ in range(settings.warmup_rounds):  # the last one's time sizes the rest (the first compiles kernels)
+        started = time.perf_counter()
+        run_rounds(variants, clock.measure, 1)
+        round_s = time.perf_counter() - started
     memory_s = settings.memory_rounds * round_s
     affordable = int((deadline.left() - memory_s) / round_s)
     rounds = min(max(affordable, settings.min_rounds), settings.max_rounds)

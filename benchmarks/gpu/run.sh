@@ -20,7 +20,7 @@ wheels=${TRL_CHORD_WHEELS:-$repository/.whl}
 python=${PYTHON:-python3}
 budget=${TRL_CHORD_GPU_BUDGET:-450}  # 8 minutes less half a minute of margin
 install_budget=90
-tests_budget=180
+tests_budget=240
 mkdir -p "$output_dir"
 exec > >(tee "$output_dir/run.log") 2>&1
 export PYTHONPATH="$repository${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -31,7 +31,8 @@ run_stage() {  # name, time limit in seconds, command...
     local name=$1 limit=$2 started=$SECONDS status
     shift 2
     echo "== [$SECONDS s] $name (at most $limit s): $*"
-    timeout --kill-after=15 "$limit" "$@"
+    # SIGINT first: pytest then still writes its report, and the benchmark has written its files after every case
+    timeout --signal=INT --kill-after=15 "$limit" "$@"
     status=$?
     case $status in
         0) stages+=("$name=ok:$((SECONDS - started))") ;;
