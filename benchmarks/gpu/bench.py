@@ -394,9 +394,7 @@ def run(settings: Settings, device: torch.device, time_limit_s: float, output_di
     bench = None
     with tempfile.TemporaryDirectory() as scratch_dir:
         for index, (shape, length) in enumerate(cases):
-            # A share of what is left for each case still to come, and nothing started past the limit
-            budget = deadline.left() / (len(cases) - index)
-            if deadline.left() < 10:
+            if deadline.left() < 10:  # nothing starts past the limit
                 result["skipped"].append({"model": shape.name, "expert_tokens": length, "reason": "time limit"})
                 continue
             try:
@@ -405,6 +403,8 @@ def run(settings: Settings, device: torch.device, time_limit_s: float, output_di
                     release_memory()
                     log(f"{shape.name}: building 4 models and 3 trainers, generating the GRPO micro-batch")
                     bench = ShapeBench(shape, settings, device, scratch_dir)
+                # An equal share of what is left for this case and each one still to come
+                budget = deadline.left() / (len(cases) - index)
                 log(f"{shape.name}, {length} expert tokens: timing {', '.join(VARIANTS)} ({budget:.0f} s)")
                 case = measure_case(bench, length, clock, max(budget - 5, 1), settings)
                 log(
