@@ -339,6 +339,30 @@ def test_bad_config_values(tmp_path, overrides, message):
         chord_config(tmp_path, **overrides)
 
 
+@pytest.mark.parametrize("gradient_accumulation_steps, fills_a_step", [(4, True), (5, False)])
+def test_too_few_rl_prompts_for_a_step_fail_before_training(
+    tiny_model_dir, tmp_path, gradient_accumulation_steps, fills_a_step
+):
+    # 16 prompts; a step takes 8 completions x gradient_accumulation_steps, 2 per prompt: 16 prompts, then 20
+    args = chord_config(
+        tmp_path,
+        per_device_train_batch_size=8,
+        num_generations=2,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        max_steps=1,
+    )
+    trainer = make_trainer(tiny_model_dir, args, expert_dataset=make_expert_dataset())
+    # The oracle: TRL's own dataloader, which has batches exactly when the prompts fill a generation batch
+    assert (len(trainer.get_train_dataloader()) > 0) == fills_a_step
+    if fills_a_step:
+        trainer.train()
+        assert trainer.state.global_step == 1
+    else:
+        with pytest.raises(ValueError, match="The RL dataset has 16 prompts, but an optimizer step needs 20"):
+            trainer.train()
+        assert trainer.state.global_step == 0
+
+
 def test_grpo_config_is_refused(tiny_model_dir, tmp_path):
     with pytest.raises(TypeError, match="must be a `ChordConfig`"):
         make_trainer(tiny_model_dir, GRPOConfig(output_dir=str(tmp_path), **COMMON_ARGS), make_expert_dataset())
