@@ -19,7 +19,16 @@ _EXPORTS = {
     "token_weights": "losses",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "ChordConfig",
+    "ChordMuCallback",
+    "ChordTrainer",
+    "adaptive_chord_mu",
+    "chord_mu",
+    "expert_sft_loss",
+    "phi_token_weights",
+    "token_weights",
+]
 
 if TYPE_CHECKING:
     from .callbacks import ChordMuCallback

@@ -7,5 +7,5 @@ The data of the paper configs, made from the public datasets: `trl-chord prepare
 PREPARERS = {
     "openr1_math": "OpenR1-Math-220k -> expert solutions and RL prompts (math_chord_mu, math_chord_phi, _lora)",
     "toolace": "ToolACE -> expert conversations and RL prompts with reference calls (tool_chord_phi)",
-    "geometry3k": "Geometry3K and expert solutions -> RL prompts and expert solutions with images (geometry_vlm_chord)",
+    "geometry3k": "Geometry3K and expert solutions -> RL prompts and experts with their images (geometry_vlm_chord)",
 }

@@ -151,4 +151,3 @@ def main(argv: list[str] | None = None) -> None:
     with open(os.path.join(args.output_dir, "summary.json"), "w", encoding="utf-8") as file:
         json.dump(summary, file, indent=2)
     print(f"Wrote {args.output_dir}/expert_solutions.parquet, rl_prompts.parquet and summary.json.")
-
