@@ -254,3 +254,19 @@ def test_only_the_main_process_clears_an_old_metrics_file(tiny_model_dir, tmp_pa
     expert = write_jsonl(tmp_path / "experts.jsonl", sum_experts(range(4), lambda n: str(n + 1)))
     main(*parse_args(recipe_args(tiny_model_dir, tmp_path, "--chord_sft_dataset", expert, "--max_steps", "1")))
     assert (tmp_path / "run" / "metrics.jsonl").read_text().startswith(old_run)
+
+
+def test_plot_has_a_heldout_panel_only_with_heldout_evaluations(tmp_path):
+    from PIL import Image
+
+    from trl_chord.demo.reporting import plot_metrics
+
+    log = tmp_path / "metrics.jsonl"
+    write_jsonl(log, [{"step": s, "chord/mu": 0.1, "reward": 0.5, "chord/expert_nll": 2.0 / s} for s in (1, 2)])
+    history = [{"step": 0, "accuracy": 0.0}, {"step": 2, "accuracy": 0.5}]
+    widths = {}
+    for name, heldout in {"without": None, "with": history}.items():
+        with Image.open(plot_metrics(str(log), str(tmp_path / f"{name}.png"), heldout)) as image:
+            widths[name] = image.width
+    # 4 inches at 100 dpi per panel: mu, reward, expert NLL, and held-out accuracy when there is any
+    assert widths == {"without": 3 * 400, "with": 4 * 400}
