@@ -53,9 +53,9 @@ def run(command, **kwargs):
 @pytest.fixture(scope="module")
 def wheel_install(tmp_path_factory):
     """
-    The wheel and the source distribution, and a fresh environment with the wheel alone, installed
-    offline; its dependencies come from this one's site-packages, read as plain folders (so this checkout's editable
-    install is not seen). Commands run from a folder outside the checkout, offline.
+    The wheel and the source distribution, and a fresh environment with the wheel alone, installed offline; its
+    dependencies come from this one's site-packages, read as plain folders (so this checkout's editable install is
+    not seen). Commands run from a folder outside the checkout, offline.
     """
     tmp_path = tmp_path_factory.mktemp("wheel-install")
     dist = tmp_path / "dist"
@@ -65,18 +65,6 @@ def wheel_install(tmp_path_factory):
     (sdist,) = dist.glob("trl_chord-*.tar.gz")
 
     venv = tmp_path / "venv"
-    run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
-    python = str(venv / "bin" / "python")
-    site = run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"]).strip()
-    with open(os.path.join(site, "dependencies.pth"), "w") as file:
-        file.write(sysconfig.get_path("purelib") + "\n")
-    run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", str(wheel)])
-    # The dependencies' own commands that the configs' headers call, run by this environment's interpreter
-    (venv / "bin" / "accelerate").write_text(
-        f"#!{python}\nfrom accelerate.commands.accelerate_cli import main\n\nmain()\n"
-    )
-    (venv / "bin" / "accelerate").chmod(0o755)
-
     workdir = tmp_path / "elsewhere"  # not the checkout, so nothing is imported from it
     workdir.mkdir()
     env = {
@@ -89,6 +77,18 @@ def wheel_install(tmp_path_factory):
         "OMP_NUM_THREADS": "1",
     }
     env.pop("PYTHONPATH", None)
+    run([sys.executable, "-m", "venv", "--without-pip", str(venv)], env=env)
+    python = str(venv / "bin" / "python")
+    site = run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], env=env).strip()
+    with open(os.path.join(site, "dependencies.pth"), "w") as file:
+        file.write(sysconfig.get_path("purelib") + "\n")
+    install = [sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", str(wheel)]
+    run(install, cwd=workdir, env=env)
+    # The dependencies' own commands that the configs' headers call, run by this environment's interpreter
+    (venv / "bin" / "accelerate").write_text(
+        f"#!{python}\nfrom accelerate.commands.accelerate_cli import main\n\nmain()\n"
+    )
+    (venv / "bin" / "accelerate").chmod(0o755)
     return SimpleNamespace(wheel=wheel, sdist=sdist, venv=venv, python=python, site=site, workdir=workdir, env=env)
 
 
