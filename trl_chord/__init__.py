@@ -1,23 +1,9 @@
 """CHORD for TRL: on-policy GRPO mixed with an SFT term on expert demonstrations (arXiv 2508.11408)."""
 
-import importlib
 from typing import TYPE_CHECKING
 
 
 __version__ = "0.1.0"
-
-# Each public name and the module that defines it, imported on first use: `import trl_chord` (and the `trl-chord`
-# command's `configs` and `prepare` listings, which import `trl_chord.recipes`) then loads neither torch nor TRL.
-_EXPORTS = {
-    "ChordConfig": "chord_config",
-    "ChordMuCallback": "callbacks",
-    "ChordTrainer": "chord_trainer",
-    "adaptive_chord_mu": "schedule",
-    "chord_mu": "schedule",
-    "expert_sft_loss": "losses",
-    "phi_token_weights": "losses",
-    "token_weights": "losses",
-}
 
 __all__ = [
     "ChordConfig",
@@ -39,12 +25,23 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str):
-    if name not in _EXPORTS:
+    # Each public name is imported on first use: `import trl_chord` (and the `trl-chord` command's `configs` and
+    # `prepare` listings, which import `trl_chord.recipes`) then loads neither torch nor TRL.
+    if name == "ChordConfig":
+        from . import chord_config as module
+    elif name == "ChordMuCallback":
+        from . import callbacks as module
+    elif name == "ChordTrainer":
+        from . import chord_trainer as module
+    elif name in ("expert_sft_loss", "phi_token_weights", "token_weights"):
+        from . import losses as module
+    elif name in ("adaptive_chord_mu", "chord_mu"):
+        from . import schedule as module
+    else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value  # found directly from now on
+    value = globals()[name] = getattr(module, name)  # found directly from now on
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+    return sorted(set(globals()) | set(__all__))

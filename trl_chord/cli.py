@@ -11,12 +11,11 @@
 Multi-process: `accelerate launch [--config_file ...] -m trl_chord.cli --config ...`.
 """
 
-import importlib
 import logging
 import sys
 
 from .recipes import CommandLineError, config_path, shipped_configs
-from .recipes.prepare import PREPARERS
+from .recipes.prepare import PREPARERS, run_preparation
 
 
 def list_configs(args: list[str]) -> None:
@@ -35,10 +34,7 @@ def prepare(args: list[str]) -> None:
         for name, what in PREPARERS.items():
             print(f"  {name:<14}{what}")
         return
-    name, options = args[0], args[1:]
-    if name not in PREPARERS:
-        raise CommandLineError(f"no data preparation {name!r}; there are: {', '.join(PREPARERS)}.")
-    importlib.import_module(f"{__package__}.recipes.prepare.{name}").main(options)
+    run_preparation(args[0], args[1:])
 
 
 def drop_bitsandbytes_cpu_kernel_notice() -> None:
