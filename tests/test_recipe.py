@@ -119,6 +119,8 @@ def test_command_line_mistakes_are_one_line_errors(command, message):
     errors = [line for line in completed.stderr.splitlines() if line.startswith("trl-chord: error: ")]
     assert len(errors) == 1 and message in errors[0], completed.stderr[-3000:]
     assert "Traceback" not in completed.stderr
+    # Nor bitsandbytes' notice about an optional CPU kernel, which its import (through peft) logged in every command
+    assert "Failed to load CPU gemm_4bit_forward" not in completed.stderr
 
 
 def test_listing_configs_and_preparations_imports_neither_torch_nor_trl():

@@ -1,6 +1,7 @@
 import json
 import logging
 import os
+import warnings
 
 import pytest
 import torch
@@ -361,6 +362,23 @@ def test_too_few_rl_prompts_for_a_step_fail_before_training(
         with pytest.raises(ValueError, match="The RL dataset has 16 prompts, but an optimizer step needs 20"):
             trainer.train()
         assert trainer.state.global_step == 0
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [{}, {"gradient_checkpointing": False}, {"gradient_checkpointing_kwargs": {"use_reentrant": False}}],
+)
+def test_gradient_checkpointing_settings_apply_without_a_deprecation_warning(tmp_path, setting):
+    # transformers 5 renamed the option activation_checkpointing and warns on the old name, which GRPOConfig's
+    # default (on) and the shipped configs set
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        args = chord_config(tmp_path, **setting)
+    enabled = setting.get("gradient_checkpointing", True)
+    kwargs = setting.get("gradient_checkpointing_kwargs")
+    assert args.gradient_checkpointing is enabled and args.gradient_checkpointing_kwargs == kwargs
+    assert getattr(args, "activation_checkpointing", enabled) is enabled  # transformers 5's own name, where it is
+    assert getattr(args, "activation_checkpointing_kwargs", kwargs) == kwargs
 
 
 def test_grpo_config_is_refused(tiny_model_dir, tmp_path):
