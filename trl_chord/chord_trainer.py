@@ -8,6 +8,7 @@ import torch
 from accelerate.utils import DistributedType, is_peft_model
 from datasets import DatasetDict, IterableDatasetDict, concatenate_datasets
 from transformers import ProcessorMixin
+from transformers.trainer_utils import IntervalStrategy
 from transformers.training_args import OptimizerNames
 from transformers.utils import logging
 from trl import GRPOTrainer
@@ -428,10 +429,18 @@ class ChordTrainer(GRPOTrainer):
                 self._log_expert_sources(totals[-2 * num_sources :])
         return loss
 
+    def _step_is_logged(self) -> bool:
+        """Whether the optimizer step in progress will be logged (as transformers' `DefaultFlowCallback` decides)."""
+        step = self.state.global_step + 1
+        if step == 1 and self.args.logging_first_step:
+            return True
+        return self.args.logging_strategy == IntervalStrategy.STEPS and step % self.state.logging_steps == 0
+
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if not self.backward_expert_term_first or self.chord_mu == 0:
+        if not self.backward_expert_term_first or self.chord_mu == 0 or not self._step_is_logged():
             # One joint backward (DeepSpeed, FSDP, LOMO): the terms' gradients arrive summed, and cannot be told apart.
-            # With mu = 0 there is one term: nothing to compare, and the GRPO step stays exactly GRPOTrainer's
+            # With mu = 0 there is one term: nothing to compare, and the GRPO step stays exactly GRPOTrainer's. The
+            # hooks cost a pass over the gradients per backward, so they run on the steps that are logged only
             return super().training_step(model, inputs, num_items_in_batch)
         with self.term_gradient_norms.measuring():
             loss = super().training_step(model, inputs, num_items_in_batch)
@@ -442,7 +451,8 @@ class ChordTrainer(GRPOTrainer):
         """
         `chord/expert_grad_norm` and `chord/grpo_grad_norm`: the norms of `mu * grad(L_SFT)` and
         `(1 - mu) * grad(L_GRPO)` of this micro-step on each process (before the all-reduce and clipping), on the scale
-        of the trainer's `grad_norm` (times the accumulation steps, over any loss scale), averaged over processes.
+        of the trainer's `grad_norm` (times the accumulation steps, over any loss scale), averaged over processes. Only
+        the micro-steps of logged optimizer steps are measured.
         """
         squared = self.term_gradient_norms.squared
         terms = [term for term in ("expert", "grpo") if term in squared]  # alike on every process: mu decides it
