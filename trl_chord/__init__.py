@@ -1,10 +1,6 @@
 """CHORD for TRL: on-policy GRPO mixed with an SFT term on expert demonstrations (arXiv 2508.11408)."""
 
-from .callbacks import ChordMuCallback
-from .chord_config import ChordConfig
-from .chord_trainer import ChordTrainer
-from .losses import expert_sft_loss, phi_token_weights, token_weights
-from .schedule import adaptive_chord_mu, chord_mu
+from typing import TYPE_CHECKING
 
 
 __version__ = "0.1.0"
@@ -19,3 +15,33 @@ __all__ = [
     "phi_token_weights",
     "token_weights",
 ]
+
+if TYPE_CHECKING:
+    from .callbacks import ChordMuCallback
+    from .chord_config import ChordConfig
+    from .chord_trainer import ChordTrainer
+    from .losses import expert_sft_loss, phi_token_weights, token_weights
+    from .schedule import adaptive_chord_mu, chord_mu
+
+
+def __getattr__(name: str):
+    # Each public name is imported on first use: `import trl_chord` (and the `trl-chord` command's `configs` and
+    # `prepare` listings, which import `trl_chord.recipes`) then loads neither torch nor TRL.
+    if name == "ChordConfig":
+        from . import chord_config as module
+    elif name == "ChordMuCallback":
+        from . import callbacks as module
+    elif name == "ChordTrainer":
+        from . import chord_trainer as module
+    elif name in ("expert_sft_loss", "phi_token_weights", "token_weights"):
+        from . import losses as module
+    elif name in ("adaptive_chord_mu", "chord_mu"):
+        from . import schedule as module
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = globals()[name] = getattr(module, name)  # found directly from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -8,6 +8,7 @@ import torch
 from accelerate.utils import DistributedType, is_peft_model
 from datasets import DatasetDict, IterableDatasetDict, concatenate_datasets
 from transformers import ProcessorMixin
+from transformers.trainer_utils import IntervalStrategy
 from transformers.training_args import OptimizerNames
 from transformers.utils import logging
 from trl import GRPOTrainer
@@ -83,6 +84,24 @@ def expert_backward_runs_first(distributed_type: DistributedType, optim: str) ->
         optim, "value", optim
     ).endswith("layerwise")
     return distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP) and not steps_in_backward
+
+
+def check_prompts_fill_a_step(num_prompts: int, args: ChordConfig) -> None:
+    """
+    Raises a `ValueError` when `num_prompts` RL prompts give no optimizer step. GRPOTrainer's sampler draws the prompts
+    in generation batches of `generation_batch_size // num_generations` distinct prompts and drops an incomplete last
+    one, and nothing trains before a generation batch is complete: with fewer prompts than one, the Trainer would end
+    "training" at once, without a step and without a word.
+    """
+    needed = args.generation_batch_size // args.num_generations
+    if num_prompts < needed:
+        raise ValueError(
+            f"The RL dataset has {num_prompts} prompts, but an optimizer step needs {needed}: generation_batch_size "
+            f"{args.generation_batch_size} completions (per_device_train_batch_size {args.per_device_train_batch_size}"
+            f" x {args.world_size} processes x steps_per_generation {args.steps_per_generation}, which defaults to "
+            f"gradient_accumulation_steps) / num_generations {args.num_generations}. Training would make no step: "
+            "give more prompts, or lower per_device_train_batch_size or gradient_accumulation_steps."
+        )
 
 
 class ChordTrainer(GRPOTrainer):
@@ -410,9 +429,18 @@ class ChordTrainer(GRPOTrainer):
                 self._log_expert_sources(totals[-2 * num_sources :])
         return loss
 
+    def _step_is_logged(self) -> bool:
+        """Whether the optimizer step in progress will be logged (as transformers' `DefaultFlowCallback` decides)."""
+        step = self.state.global_step + 1
+        if step == 1 and self.args.logging_first_step:
+            return True
+        return self.args.logging_strategy == IntervalStrategy.STEPS and step % self.state.logging_steps == 0
+
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if not self.backward_expert_term_first:
-            # One joint backward (DeepSpeed, FSDP, LOMO): the terms' gradients arrive summed, and cannot be told apart
+        if not self.backward_expert_term_first or self.chord_mu == 0 or not self._step_is_logged():
+            # One joint backward (DeepSpeed, FSDP, LOMO): the terms' gradients arrive summed, and cannot be told apart.
+            # With mu = 0 there is one term: nothing to compare, and the GRPO step stays exactly GRPOTrainer's. The
+            # hooks cost a pass over the gradients per backward, so they run on the steps that are logged only
             return super().training_step(model, inputs, num_items_in_batch)
         with self.term_gradient_norms.measuring():
             loss = super().training_step(model, inputs, num_items_in_batch)
@@ -423,7 +451,8 @@ class ChordTrainer(GRPOTrainer):
         """
         `chord/expert_grad_norm` and `chord/grpo_grad_norm`: the norms of `mu * grad(L_SFT)` and
         `(1 - mu) * grad(L_GRPO)` of this micro-step on each process (before the all-reduce and clipping), on the scale
-        of the trainer's `grad_norm` (times the accumulation steps, over any loss scale), averaged over processes.
+        of the trainer's `grad_norm` (times the accumulation steps, over any loss scale), averaged over processes. Only
+        the micro-steps of logged optimizer steps are measured.
         """
         squared = self.term_gradient_norms.squared
         terms = [term for term in ("expert", "grpo") if term in squared]  # alike on every process: mu decides it
@@ -500,9 +529,13 @@ class ChordTrainer(GRPOTrainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """[`~transformers.Trainer.train`], resuming only from complete checkpoints.
 
+        Fails at once when the RL dataset has fewer prompts than an optimizer step needs (`check_prompts_fill_a_step`).
+
         With `resume_from_checkpoint=True`, the newest complete checkpoint in `output_dir` is used: ones cut short by
         a crash during the save are skipped with a warning. A checkpoint path given explicitly must be complete.
         """
+        if self.train_dataset is not None and hasattr(self.train_dataset, "__len__"):  # not a streamed dataset
+            check_prompts_fill_a_step(len(self.train_dataset), self.args)
         needs_chord_state = self.expert_sampler is not None
         if resume_from_checkpoint is True:
             complete, incomplete = complete_checkpoints(self.args.output_dir, needs_chord_state)

@@ -606,7 +606,7 @@ def pick_lm_head(problems: dict, requested: str = "auto") -> LMHeadProbe:
     return LMHeadProbe("full_logits", f"{problems['chunked']}; {problems['trl_fused']}")
 
 
-def _agreed_across_processes(choice: LMHeadProbe, device: torch.device) -> LMHeadProbe:
+def _agreed_across_processes(choice: LMHeadProbe) -> LMHeadProbe:
     """
     The same head on every process: the costliest any process chose (all probe the same tokens with the same
     weights, so they agree; this makes it certain, and every process then runs the same collectives).
@@ -615,6 +615,9 @@ def _agreed_across_processes(choice: LMHeadProbe, device: torch.device) -> LMHea
         return choice
     if torch.distributed.get_world_size() == 1:
         return choice
+    # Where the default group's backend reduces: NCCL on the current GPU (even when the weights are offloaded)
+    nccl = torch.distributed.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     index = torch.tensor([HEAD_PATHS.index(choice.path)], device=device)
     torch.distributed.all_reduce(index, op=torch.distributed.ReduceOp.MAX)
     agreed = HEAD_PATHS[int(index.item())]
@@ -628,8 +631,6 @@ def choose_lm_head(model: PreTrainedModel, head: ExpertHead) -> LMHeadProbe:
     The expert term's head for `model`, chosen once (at its first expert call): probed ([`probe_lm_head`]) unless
     `head.requested` is `"full_logits"`, the same on every process (a refusal too), logged once.
     """
-    lm_head = model.get_output_embeddings()
-    device = lm_head.weight.device if lm_head is not None else torch.device("cpu")
     if head.requested == "full_logits":
         choice = pick_lm_head({"full_logits": None}, "full_logits")
     else:
@@ -641,7 +642,7 @@ def choose_lm_head(model: PreTrainedModel, head: ExpertHead) -> LMHeadProbe:
             choice, refusal = pick_lm_head(problems, head.requested), None
         except ValueError as error:
             choice, refusal = LMHeadProbe("full_logits", str(error)), error
-        agreed = _agreed_across_processes(choice, device)
+        agreed = _agreed_across_processes(choice)
         if refusal is not None:
             raise refusal
         if head.requested != "auto" and agreed.path != head.requested:
