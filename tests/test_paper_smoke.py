@@ -11,22 +11,23 @@ from bounded_run import run_bounded
 
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "paper" / "paper_table.py"
-METHODS = {
-    "start",
+ARMS = {
     "sft",
     "grpo",
-    "sft_then_grpo",
+    "sft_best_grpo",
+    "sft_best_grpo_equal",
     "chord_mu",
     "chord_phi",
-    "mu0.1_uniform",
-    "mu0.1_is",
-    "mu0.1_entropy",
-    "mu0.1_focal",
-    "adaptive",
+    "chord_phi_mean",
+    "uniform",
+    "is_mean",
 }
+ROWS = ARMS | {"start", "sft_best"}
+COLUMNS = ("test", "hard_test", "ood_test", "general_test")
 FINAL_METRICS = ("accuracy", "worked_style", "mean_length", "mean_entropy")
-SPLITS = ("test", "ood_test", "general_test")
-PRECONDITIONS = ("P1", "P2", "P3", "P4")
+PRECONDITIONS = ("P1", "P2", "P3", "P4", "P5")
+# The expert term's diagnostics every run with mu > 0 must log (issue 19's metrics)
+DIAGNOSTICS = ("chord/token_weight_mean", "chord/expert_token_prob", "chord/effective_mu")
 
 
 @pytest.mark.slow  # a subprocess of about a minute: CI runs it, `-m "not slow"` leaves it out
@@ -40,20 +41,52 @@ def test_quick_paper_table(tmp_path):
     assert completed.returncode == 0, completed.stderr[-4000:]
     report = json.loads((tmp_path / "paper_table_quick.json").read_text())
     assert (tmp_path / "paper_table_quick.png").stat().st_size > 0
-    assert set(report["methods"]) == METHODS
+    assert (tmp_path / "paper_table_quick_tradeoff.png").stat().st_size > 0
+    scale = report["scale"]
+    assert str(scale["selection_seed"]) in report["starts"] and scale["selection_seed"] not in scale["seeds"]
     for seed, start in report["starts"].items():
         assert set(start["preconditions"]) == set(PRECONDITIONS), seed
         assert all(isinstance(result["holds"], bool) for result in start["preconditions"].values())
         assert math.isfinite(start["preconditions"]["P3"]["expert_nll"])
-    assert set(report["best_learning_rates"]) == METHODS - {"start"}
+        assert start["preconditions"]["P5"]["expert_correct"] == 1.0  # the hard family's experts are right
+    assert set(report["methods"]) == ROWS
+    assert set(report["chosen_settings"]) == ARMS
     for name, result in report["methods"].items():
-        for split in SPLITS:
+        assert result["seeds"] == scale["seeds"], name  # the selection seed is never reported
+        for split in COLUMNS:
             for metric in FINAL_METRICS:
                 summary = result["final"][split][metric]
                 assert all(math.isfinite(summary[key]) for key in ("mean", "std", "min", "max")), (name, split, metric)
                 assert summary["min"] <= summary["mean"] <= summary["max"]
             assert 0.0 <= result["final"][split]["accuracy"]["mean"] <= 1.0
-            if name != "start":
+            if "curve" in result:
                 assert len(result["curve"]["steps"]) == len(result["curve"][split]) >= 2  # step 0 and later
-    assert "| sft_then_grpo" in completed.stdout
-    assert "Preconditions" in completed.stdout
+    # Every run is kept with its curves and its log: the sweep on the selection seed and each arm on each seed
+    runs = report["runs"]
+    sweep_sizes = {name: len(rows) for name, rows in report["sweep"]["rows"].items()}
+    assert set(sweep_sizes) == ARMS and min(sweep_sizes.values()) >= len(scale["learning_rates"])
+    for name in ARMS:
+        assert sum(run["arm"] == name and run["seed"] == scale["selection_seed"] for run in runs) == sweep_sizes[name]
+        assert {run["seed"] for run in runs if run["arm"] == name} >= set(scale["seeds"])
+    for run in runs:
+        assert all(len(run["curves"][split]) >= 2 for split in COLUMNS), run["arm"]
+        assert run["log"], run["arm"]
+        if run["arm"] not in ("grpo", "sft_best_grpo", "sft_best_grpo_equal"):
+            assert all(key in entry for entry in run["log"] for key in DIAGNOSTICS), run["arm"]
+    # Paired differences against both references, per column, with an interval around the mean
+    for reference in ("grpo", "sft_best_grpo"):
+        differences = report["paired_differences"][reference]
+        assert set(differences) == ROWS - {"start", reference}
+        for columns in differences.values():
+            for column in COLUMNS:
+                assert columns[column]["low"] <= columns[column]["mean"] <= columns[column]["high"]
+    # The quick grid is one rate: it is an edge on both sides, so every arm's grid grows one rate each way
+    for name, grid in report["learning_rate_grids"].items():
+        assert len(grid["added_below"]) == len(grid["added_above"]) == scale["max_grid_extensions"], name
+        assert grid["rates"] == sorted(scale["learning_rates"] + grid["added_below"] + grid["added_above"]), name
+    for name in ARMS:
+        tradeoff = report["tradeoff"][name]
+        assert tradeoff["points"] and all(tradeoff["frontiers"].values()), name
+    assert "Preconditions" in completed.stdout and "Paired differences against sft_best_grpo" in completed.stdout
+    # The preconditions are printed before any run's result
+    assert completed.stdout.index("starting model, seed") < completed.stdout.index(" sft seed ")

@@ -1,27 +1,41 @@
 """
-CHORD's claims tested at small scale, on a CPU: SFT, GRPO, SFT-then-GRPO, CHORD-mu, CHORD-phi and ablations, each at
-its best of three learning rates, on a target task the starting model partly solves, with a second skill to keep.
+CHORD's claims tested at small scale, on a CPU: SFT, GRPO, SFT-best -> GRPO (two budgets), CHORD-mu, CHORD-phi (as
+the paper runs it and with its weights rescaled to mean 1), and uniform and IS weights at matched strength, each at
+its own learning rates chosen on validation, on 5 reported seeds, with a part of the target task only the experts can
+teach, a second skill to keep and an out-of-distribution split.
 
     HF_HUB_OFFLINE=1 python benchmarks/paper/paper_table.py [--quick] [--preconditions_only] [--output_dir DIR]
 
-1. For each seed, a tiny random model is pre-trained with plain SFT (TRL's SFTTrainer) on two task families in a
-   SHORT answer style: two- and three-digit sums (the target task T) and word reversal (the general skill G), plus
-   two-digit + one-digit sums in the worked style. It stops while it is still learning T: that is the starting
-   ("instruct") model. The preconditions (P1-P4) are measured on it
-   and printed; a full run stops there if one fails.
-2. Every method trains it for the same number of optimizer steps, on the same RL prompts (two-digit sums only) and the
-   same expert demonstrations (other two-digit sums in a LONGER worked style), through `ChordTrainer`, with a reward
-   for the correct answer in either style and no format term.
-3. Each method takes the best of three learning rates on a validation split of two-digit sums (on the selection seeds:
-   seed 0), then runs the remaining seeds at that rate. Scores: two-digit test sums (in-distribution), three-digit
-   test sums (out of distribution) and test words to reverse (retention of G), by greedy decoding, over steps.
+1. For each seed (a selection seed, then the reported seeds), a tiny random model is pre-trained with plain SFT
+   (TRL's SFTTrainer) on two task families in a SHORT answer style: two- and three-digit + two-digit sums (the target
+   task T and its out-of-distribution split) and word reversal (the general skill G), plus two-digit + one-digit sums
+   in the worked style. It stops while it is still learning T: that is the starting ("instruct") model. The
+   preconditions P1-P5 are measured on every starting model and printed before any method runs; a full run stops
+   there if one fails.
+2. Every method trains it through `ChordTrainer` on the same RL prompts (two-digit sums, and a HARD family of
+   three-digit + three-digit sums the starting model almost never gets right: P5) and the same expert demonstrations
+   (other sums of both families, in a longer WORKED style), with a reward for the correct answer in either style and
+   no format term.
+3. On the selection seed (never reported), every method runs every setting of its grid: each learning rate of a
+   common grid (which grows by one rate past an edge where the method's best rate sits, so that the grid brackets
+   it), CHORD-mu's decay length too, and for SFT-best -> GRPO a learning rate per phase (SFT's chosen on the best
+   validation score of any of its checkpoints, the GRPO phase's on the final validation score from that
+   checkpoint). The setting with the best validation score (the mean accuracy of the two families' validation
+   splits) runs on the reported seeds.
+4. Scores over steps, by greedy decoding: two-digit test sums (in distribution), hard test sums, three-digit +
+   two-digit sums (out of distribution, never trained on) and test words to reverse (retention of G). The report has
+   each method's final scores over the reported seeds, paired differences against GRPO and against SFT-best -> GRPO
+   with bootstrap intervals, the trade-off each method reaches over its sweep (target accuracy against retention and
+   OOD, with its frontier), and the diagnostics of the expert term from every run's log.
 
-It writes `paper_table.json` and `paper_table.png` to the output directory and prints the tables.
+It writes `paper_table.json`, `paper_table.png` (curves) and `paper_table_tradeoff.png` to the output directory and
+prints the tables.
 """
 
 import argparse
 import functools
 import json
+import math
 import os
 import platform
 import random
@@ -71,36 +85,57 @@ COMMON_ARGS = dict(
     lr_scheduler_type="constant",
 )
 # Generation budgets in tokens: the longest worked answer of each split, plus the end token
-TRAIN_COMPLETION_TOKENS = 40  # "9+9=18 carry 1; 9+9+1=19; answer 198" is 36 characters
-EVAL_TOKENS = {"validation": 40, "test": 40, "ood_test": 56, "general_test": 8}
-CURVE_SPLITS = ("test", "ood_test", "general_test")
+TRAIN_COMPLETION_TOKENS = 56  # "9+9=18 carry 1; 9+9+1=19 carry 1; 9+9+1=19; answer 1998" is 55 characters
+EVAL_TOKENS = {
+    "validation": 40,  # "9+9=18 carry 1; 9+9+1=19; answer 198" is 36
+    "hard_validation": 56,
+    "test": 40,
+    "hard_test": 56,
+    "ood_test": 56,
+    "general_test": 8,
+}
+VALIDATION_SPLITS = ("validation", "hard_validation")  # the selection reads these only
+COLUMNS = ("test", "hard_test", "ood_test", "general_test")  # the reported scores
+CURVE_SPLITS = VALIDATION_SPLITS + COLUMNS
+COLUMN_TITLES = {
+    "test": "T in distribution (two-digit sums)",
+    "hard_test": "T hard family (three-digit + three-digit sums)",
+    "ood_test": "T out of distribution (three-digit + two-digit sums)",
+    "general_test": "G retention (reversing words)",
+}
+COLUMN_NAMES = {"test": "T in-dist", "hard_test": "T hard", "ood_test": "T OOD", "general_test": "G retention"}
 
 
 @dataclass
 class Scale:
     """How big the experiment is: the full run and `--quick` differ only here."""
 
-    seeds: list[int]
-    selection_seeds: list[int]  # the seeds that run every learning rate; the others run each method's best
-    learning_rates: list[float]
+    selection_seed: int  # runs every setting of every grid; never reported
+    seeds: list[int]  # the reported seeds: each method at its chosen setting
+    learning_rates: list[float]  # every arm's grid to begin with, on the ladder 1, 3, 10, 30, ... x 10^k
+    max_grid_extensions: int  # rates an arm's grid may gain past each edge where its best rate sits
+    chord_mu_decay_fractions: list[float]  # CHORD-mu's decay lengths, as fractions of `steps`
     steps: int
     eval_every: int
     prompts_per_step: int
     num_generations: int
     expert_batch_size: int
     eval_size: int  # prompts in each validation and test split
-    precondition_size: int | None  # RL prompts and expert examples the preconditions read (None: all)
+    precondition_size: int | None  # RL prompts and expert examples of each family the preconditions read (None: all)
     pretrain_max_steps: int
     pretrain_min_steps: int
     pretrain_check_every: int
+    bootstrap_samples: int
     check_preconditions: bool  # stop before any comparison when a precondition fails
 
 
 FULL = Scale(
-    seeds=[0, 1, 2],
-    selection_seeds=[0],
-    learning_rates=[1e-4, 3e-4, 1e-3],
-    steps=200,
+    selection_seed=0,
+    seeds=[1, 2, 3, 4, 5],
+    learning_rates=[3e-5, 1e-4, 3e-4, 1e-3],
+    max_grid_extensions=2,
+    chord_mu_decay_fractions=[0.25, 0.5, 1.0],
+    steps=150,
     eval_every=25,
     prompts_per_step=8,
     num_generations=8,
@@ -110,12 +145,15 @@ FULL = Scale(
     pretrain_max_steps=4000,
     pretrain_min_steps=500,
     pretrain_check_every=50,
+    bootstrap_samples=10000,
     check_preconditions=True,
 )
 QUICK = Scale(
-    seeds=[0],
-    selection_seeds=[0],
-    learning_rates=[3e-4, 1e-3],
+    selection_seed=0,
+    seeds=[1],
+    learning_rates=[1e-3],
+    max_grid_extensions=1,  # so that every grid grows both ways, and the growth is exercised
+    chord_mu_decay_fractions=[0.5],
     steps=2,
     eval_every=1,
     prompts_per_step=2,
@@ -126,32 +164,42 @@ QUICK = Scale(
     pretrain_max_steps=20,
     pretrain_min_steps=10,
     pretrain_check_every=10,
+    bootstrap_samples=200,
     check_preconditions=False,
 )
 
-# The preconditions' thresholds (issue 13)
+# The preconditions' thresholds (issues 13 and 21)
 GENERAL_SKILL_MIN = 0.8  # P1: greedy accuracy on G's test words
-PASS_AT_1_RANGE = (0.15, 0.5)  # P2: sampled pass@1 on the RL prompts
-PASS_AT_K_MIN = 0.5  # P2: pass@8 on the RL prompts, and on those that need a carry
+PASS_AT_1_RANGE = (0.15, 0.5)  # P2: sampled pass@1 on the two-digit RL prompts
+PASS_AT_K_MIN = 0.5  # P2: pass@8 on the two-digit RL prompts, and on those that need a carry
 PASS_AT_K = 8
 # P3: the experts are nearly always right, the starting model (almost) never answers in their style on its own, and
 # their answers are much less likely under it than answers in its own style
 EXPERT_CORRECT_MIN = 0.99
 OWN_WORKED_STYLE_MAX = 0.01
 EXPERT_NLL_RATIO_MIN = 5.0
+# P5: the hard family is one only the experts can teach: RL alone (almost) never samples a right answer, the experts
+# are always right
+HARD_PASS_AT_K_MAX = 0.05
+HARD_EXPERT_CORRECT = 1.0
 # The pre-training stops at its first check with at least this sampled pass@1 on T and this greedy accuracy on G
 PRETRAIN_TARGET_PASS_AT_1 = 0.3
 PRETRAIN_TARGET_GENERAL = 0.9
+# The hard family's RL prompts and expert demonstrations (each); a quarter of the RL prompts and of the experts
+HARD_TRAIN_SIZE = 500
 
 
 @functools.cache
 def task_splits(eval_size: int) -> dict[str, Dataset]:
     """
-    Every split, fixed (seed 0) and disjoint. T in distribution is `a + b` with two-digit `a` and `b` (8,100 sums): the
+    Every split, fixed and disjoint. T in distribution is `a + b` with two-digit `a` and `b` (8,100 sums): the
     validation and test splits, the RL prompts, the expert demonstrations (worked style), and the rest for
-    pre-training (short style). T out of distribution is three-digit `a` plus two-digit `b`: a test split, and 2,000
-    other such sums in the pre-training (so the starting model has seen such sums, but no method trains on them). G is
-    reversing a word of three to five letters: a test split and 8,000 words for pre-training.
+    pre-training (short style). T's hard family is three-digit `a` plus three-digit `b` (810,000 sums, none in the
+    pre-training): validation and test splits, 500 RL prompts and 500 expert demonstrations. T out of distribution is
+    three-digit `a` plus two-digit `b`: a test split, and 2,000 other such sums in the pre-training (so the starting
+    model has seen such sums, but no method trains on them). G is reversing a word of three to five letters: a test
+    split and 8,000 words for pre-training. The hard family is drawn with its own generator, so the other splits are
+    those of the previous rounds.
     """
     rng = random.Random(0)
     in_distribution = operand_pairs(2, 2)
@@ -159,6 +207,10 @@ def task_splits(eval_size: int) -> dict[str, Dataset]:
     words = reversal_words()
     for items in (in_distribution, out_of_distribution, words):
         rng.shuffle(items)
+    hard = random.Random(1).sample(operand_pairs(3, 3), 2 * eval_size + 2 * HARD_TRAIN_SIZE)
+    hard_validation, hard_test = hard[:eval_size], hard[eval_size : 2 * eval_size]
+    hard_rl = hard[2 * eval_size : 2 * eval_size + HARD_TRAIN_SIZE]
+    hard_expert = hard[2 * eval_size + HARD_TRAIN_SIZE :]
     validation, test = in_distribution[:eval_size], in_distribution[eval_size : 2 * eval_size]
     rl, expert = in_distribution[600:2100], in_distribution[2100:3600]
     pretrain_sums = in_distribution[3600:] + out_of_distribution[eval_size : eval_size + 2000]
@@ -173,51 +225,106 @@ def task_splits(eval_size: int) -> dict[str, Dataset]:
         # The pre-training's stop rule reads these: sums and words it trains on, none of the splits below
         "pretrain_check_sums": prompt_dataset(in_distribution[3600:3700]),
         "pretrain_check_words": reversal_prompt_dataset(words[eval_size : eval_size + 100]),
-        "rl": prompt_dataset(rl),
-        "expert": completion_dataset(expert, worked_answer),
-        "expert_prompts": prompt_dataset(expert),
-        "expert_in_own_style": completion_dataset(expert, short_answer),
+        "rl": prompt_dataset(rl + hard_rl),
+        "expert": completion_dataset(expert + hard_expert, worked_answer),
+        # Each family's part, for the preconditions
+        "rl_two_digit": prompt_dataset(rl),
+        "rl_hard": prompt_dataset(hard_rl),
+        "expert_two_digit": completion_dataset(expert, worked_answer),
+        "expert_two_digit_prompts": prompt_dataset(expert),
+        "expert_two_digit_in_own_style": completion_dataset(expert, short_answer),
+        "expert_hard": completion_dataset(hard_expert, worked_answer),
+        "expert_hard_prompts": prompt_dataset(hard_expert),
         "validation": prompt_dataset(validation),
+        "hard_validation": prompt_dataset(hard_validation),
         "test": prompt_dataset(test),
+        "hard_test": prompt_dataset(hard_test),
         "ood_test": prompt_dataset(out_of_distribution[:eval_size]),
         "general_test": reversal_prompt_dataset(words[:eval_size]),
     }
 
 
 @dataclass
-class Method:
-    """One row of the table: `chord` are the ChordConfig options; `then_grpo` splits the budget SFT -> GRPO."""
+class Arm:
+    """
+    One method. `chord` are its ChordConfig options; `grid` names what its selection sweeps besides the learning rate
+    (`"decay"`: CHORD-mu's decay length); `sft_budget` marks the two-phase SFT-best -> GRPO arms: `"paper"` (the best
+    SFT checkpoint of the whole SFT run, then GRPO for every step) or `"equal"` (the best SFT checkpoint of the first
+    half, then GRPO for the rest, so both phases add up to the other methods' steps).
+    """
 
     name: str
     description: str
     chord: dict = field(default_factory=dict)
-    then_grpo: bool = False
+    grid: tuple[str, ...] = ()
+    sft_budget: str | None = None
 
 
-def methods(steps: int) -> list[Method]:
-    uniform = dict(chord_token_weighting="uniform")
-    sft = dict(chord_mu_peak=1.0, chord_mu_valley=1.0, **uniform)
-    fixed_mu = dict(chord_mu_peak=0.1, chord_mu_valley=0.1)
-    return [
-        Method("sft", "SFT only (mu = 1, uniform)", sft),
-        Method("grpo", "GRPO only (mu = 0)", dict(chord_mu_peak=0.0, chord_mu_valley=0.0)),
-        Method("sft_then_grpo", f"SFT {steps // 2} steps, then GRPO {steps - steps // 2} steps", sft, then_grpo=True),
-        Method(
-            "chord_mu",
-            f"CHORD-mu: cosine 0.9 -> 0.05 over {steps // 2} steps, uniform",
-            dict(chord_mu_peak=0.9, chord_mu_valley=0.05, chord_mu_decay_steps=steps // 2, **uniform),
-        ),
-        Method("chord_phi", "CHORD-phi: mu = 0.1, phi", dict(fixed_mu, chord_token_weighting="phi")),
-        Method("mu0.1_uniform", "mu = 0.1, uniform", dict(fixed_mu, **uniform)),
-        Method("mu0.1_is", "mu = 0.1, IS weights p", dict(fixed_mu, chord_token_weighting="is")),
-        Method("mu0.1_entropy", "mu = 0.1, entropy weights", dict(fixed_mu, chord_token_weighting="entropy")),
-        Method("mu0.1_focal", "mu = 0.1, focal (1-p)^2", dict(fixed_mu, chord_token_weighting="focal")),
-        Method(
-            "adaptive",
-            "adaptive mu = max(0, 0.5 - reward), uniform",
-            dict(chord_mu_schedule="adaptive", chord_adaptive_mu_tau=0.5, **uniform),
-        ),
-    ]
+UNIFORM = dict(chord_token_weighting="uniform")
+SFT_OPTIONS = dict(chord_mu_peak=1.0, chord_mu_valley=1.0, **UNIFORM)
+GRPO_OPTIONS = dict(chord_mu_peak=0.0, chord_mu_valley=0.0)
+FIXED_MU = dict(chord_mu_peak=0.1, chord_mu_valley=0.1)
+MATCHED = dict(FIXED_MU, chord_token_weight_normalization="mean")
+ARMS = [
+    Arm("sft", "SFT only (mu = 1, uniform)", SFT_OPTIONS),
+    Arm("grpo", "GRPO only (mu = 0)", GRPO_OPTIONS),
+    Arm(
+        "sft_best_grpo",
+        "SFT-best -> GRPO, the paper's protocol: best-validation SFT checkpoint, then GRPO for every step",
+        GRPO_OPTIONS,
+        sft_budget="paper",
+    ),
+    Arm(
+        "sft_best_grpo_equal",
+        "SFT-best -> GRPO, equal steps: best SFT checkpoint of the first half, then GRPO for the rest",
+        GRPO_OPTIONS,
+        sft_budget="equal",
+    ),
+    Arm(
+        "chord_mu",
+        "CHORD-mu: cosine 0.9 -> 0.05, uniform",
+        dict(chord_mu_peak=0.9, chord_mu_valley=0.05, **UNIFORM),
+        ("decay",),
+    ),
+    Arm("chord_phi", "CHORD-phi: mu = 0.1, phi (the paper's)", dict(FIXED_MU, chord_token_weighting="phi")),
+    Arm(
+        "chord_phi_mean", "CHORD-phi, weights rescaled to mean 1: mu = 0.1", dict(MATCHED, chord_token_weighting="phi")
+    ),
+    Arm("uniform", "mu = 0.1, uniform weights (mean 1)", dict(MATCHED, **UNIFORM)),
+    Arm("is_mean", "mu = 0.1, IS weights p rescaled to mean 1", dict(MATCHED, chord_token_weighting="is")),
+]
+ARMS_BY_NAME = {arm.name: arm for arm in ARMS}
+# The reference arms of the paired differences
+REFERENCES = ("grpo", "sft_best_grpo")
+
+
+def settings(arm: Arm, scale: Scale, rates: list[float]) -> list[dict]:
+    """
+    Every setting of the arm's selection grid at these learning rates, in the order ties are broken (lowest rate,
+    shortest decay first).
+    """
+    rates = sorted(rates)
+    if "decay" in arm.grid:
+        decays = [max(1, round(fraction * scale.steps)) for fraction in scale.chord_mu_decay_fractions]
+        return [{"learning_rate": rate, "decay_steps": decay} for rate in rates for decay in decays]
+    return [{"learning_rate": rate} for rate in rates]
+
+
+def next_rate(rate: float, direction: int) -> float:
+    """The neighbour of `rate` on the ladder 1, 3, 10, 30, ... x 10^k: above it (`direction` 1) or below it (-1)."""
+    exponent = math.floor(math.log10(rate) + 1e-9)
+    mantissa = round(rate / 10**exponent)
+    if mantissa not in (1, 3):
+        raise ValueError(f"learning rate {rate:g} is not on the ladder 1, 3, 10, 30, ... x 10^k")
+    if direction > 0:
+        value = 3 * 10**exponent if mantissa == 1 else 10 ** (exponent + 1)
+    else:
+        value = 3 * 10 ** (exponent - 1) if mantissa == 1 else 10**exponent
+    return float(f"{value:.0e}")
+
+
+def setting_label(setting: dict) -> str:
+    return ", ".join(f"{key} {value:g}" for key, value in setting.items())
 
 
 def quiet_worker() -> None:
@@ -271,21 +378,29 @@ def pretrain_starting_model(seed: int, scale: Scale, splits: dict[str, Dataset],
     return {"steps": trainer.state.global_step, "checks": stop_rule.checks}
 
 
+def expert_accuracy(examples: Dataset, prompts: Dataset) -> float:
+    """The fraction of expert answers whose final number is right."""
+    texts = [example["completion"][0]["content"] for example in examples]
+    return statistics.fmean(map(is_correct, texts, prompts["answer"]))
+
+
 def measure_preconditions(model, tokenizer, splits: dict[str, Dataset], size: int | None) -> dict:
-    """P1-P4 on the starting model, each with the numbers it rests on and whether it holds."""
+    """P1-P5 on the starting model, each with the numbers it rests on and whether it holds."""
 
     def first(split: str) -> Dataset:
-        return splits[split] if size is None else splits[split].select(range(size))
+        return splits[split] if size is None else splits[split].select(range(min(size, len(splits[split]))))
 
     general = evaluate(model, tokenizer, splits["general_test"], EVAL_TOKENS["general_test"])
-    rl = sampled_pass_rates(model, tokenizer, first("rl"), PASS_AT_K, TRAIN_COMPLETION_TOKENS)
-    expert_texts = [example["completion"][0]["content"] for example in first("expert")]
-    expert_nll = completion_nll(model, tokenizer, first("expert"))
-    own_style_nll = completion_nll(model, tokenizer, first("expert_in_own_style"))
+    rl = sampled_pass_rates(model, tokenizer, first("rl_two_digit"), PASS_AT_K, TRAIN_COMPLETION_TOKENS)
+    hard = sampled_pass_rates(model, tokenizer, first("rl_hard"), PASS_AT_K, TRAIN_COMPLETION_TOKENS)
+    expert_texts = [example["completion"][0]["content"] for example in first("expert_two_digit")]
+    expert_nll = completion_nll(model, tokenizer, first("expert_two_digit"))
+    own_style_nll = completion_nll(model, tokenizer, first("expert_two_digit_in_own_style"))
     test = evaluate(model, tokenizer, splits["test"], EVAL_TOKENS["test"])
     ood = evaluate(model, tokenizer, splits["ood_test"], EVAL_TOKENS["ood_test"])
     ood_sampled = sampled_pass_rates(model, tokenizer, splits["ood_test"], PASS_AT_K, EVAL_TOKENS["ood_test"])
-    expert_correct = statistics.fmean(map(is_correct, expert_texts, first("expert_prompts")["answer"]))
+    expert_correct = expert_accuracy(first("expert_two_digit"), first("expert_two_digit_prompts"))
+    hard_expert_correct = expert_accuracy(first("expert_hard"), first("expert_hard_prompts"))
     return {
         "P1": {
             "general_accuracy": general.accuracy,
@@ -303,7 +418,7 @@ def measure_preconditions(model, tokenizer, splits: dict[str, Dataset], size: in
             "expert_correct": expert_correct,
             "expert_mean_characters": statistics.fmean(map(len, expert_texts)),
             "own_style_mean_characters": statistics.fmean(
-                len(example["completion"][0]["content"]) for example in first("expert_in_own_style")
+                len(example["completion"][0]["content"]) for example in first("expert_two_digit_in_own_style")
             ),
             "samples_in_worked_style": rl.worked_style,
             "holds": expert_correct >= EXPERT_CORRECT_MIN
@@ -317,6 +432,12 @@ def measure_preconditions(model, tokenizer, splits: dict[str, Dataset], size: in
             "ood_pass_at_k": ood_sampled.pass_at_k,
             "holds": ood.accuracy < test.accuracy,
         },
+        "P5": {
+            **asdict(hard),
+            "expert_nll": completion_nll(model, tokenizer, first("expert_hard")),
+            "expert_correct": hard_expert_correct,
+            "holds": hard.pass_at_k < HARD_PASS_AT_K_MAX and hard_expert_correct >= HARD_EXPERT_CORRECT,
+        },
     }
 
 
@@ -324,7 +445,7 @@ def prepare_seed(seed: int, scale: Scale, work_dir: str) -> dict:
     """Pre-trains the seed's starting model and measures the preconditions and step 0 of every curve on it."""
     quiet_worker()
     torch.manual_seed(seed)  # the samples of the precondition checks
-    started = time.time()
+    started, cpu_started = time.time(), time.process_time()
     splits = task_splits(scale.eval_size)
     path = os.path.join(work_dir, f"start-seed{seed}")
     pretraining = pretrain_starting_model(seed, scale, splits, path)
@@ -340,24 +461,51 @@ def prepare_seed(seed: int, scale: Scale, work_dir: str) -> dict:
         "preconditions": measure_preconditions(model, tokenizer, splits, scale.precondition_size),
         "evaluations": evaluations,
         "seconds": time.time() - started,
+        "cpu_seconds": time.process_time() - cpu_started,
     }
 
 
+# The trainer's metrics every run keeps in its log (averaged over each logging period): the reward, the schedule, and
+# the expert term's diagnostics (issue 19): its mean token weight, the policy's probability of the expert tokens, its
+# effective mu, and each term's gradient norm
 LOGGED_KEYS = (
     "reward",
-    "chord/mu",
-    "chord/expert_nll",
-    "chord/grpo_skipped",
+    "frac_reward_zero_std",
     "entropy",
     "completions/mean_length",
-    "frac_reward_zero_std",
+    "chord/mu",
+    "chord/effective_mu",
+    "chord/token_weight_mean",
+    "chord/expert_token_prob",
+    "chord/expert_prob_below_0.1",
+    "chord/expert_prob_above_0.9",
+    "chord/expert_nll",
+    "chord/expert_grad_norm",
+    "chord/grpo_grad_norm",
+    "chord/grpo_skipped",
 )
 
 
-def train_phase(model_path, scale, seed, learning_rate, steps, output_dir, chord, step_offset=0):
+class SaveAtEvaluations(TrainerCallback):
+    """Saves the model at every evaluation step, so that the best-validation checkpoint can be trained on from."""
+
+    def __init__(self, trainer, every_n_steps: int, directory: str):
+        self.trainer, self.every_n_steps, self.directory = trainer, every_n_steps, directory
+        self.paths: dict[int, str] = {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every_n_steps == 0 or state.global_step == state.max_steps:
+            path = os.path.join(self.directory, f"step-{state.global_step}")
+            self.trainer.save_model(path)
+            self.paths[state.global_step] = path
+
+
+def train_phase(
+    model_path, scale, seed, learning_rate, steps, output_dir, chord, step_offset=0, keep_checkpoints=False
+):
     """
-    One ChordTrainer run from `model_path`; returns the trainer, its evaluations over steps, its log and the seconds it
-    spent training (without the evaluations).
+    One ChordTrainer run from `model_path`: its evaluations over steps, its log, the seconds it spent training
+    (without the evaluations), and, with `keep_checkpoints`, the paths of the model saved at every evaluation.
     """
     splits = task_splits(scale.eval_size)
     args = ChordConfig(
@@ -375,7 +523,7 @@ def train_phase(model_path, scale, seed, learning_rate, steps, output_dir, chord
         **COMMON_ARGS,
         **chord,
     )
-    uses_expert = args.chord_mu_schedule == "adaptive" or max(args.chord_mu_peak, args.chord_mu_valley) > 0
+    uses_expert = max(args.chord_mu_peak, args.chord_mu_valley) > 0
     trainer = ChordTrainer(
         model=model_path,
         reward_funcs=correctness_reward,
@@ -384,14 +532,22 @@ def train_phase(model_path, scale, seed, learning_rate, steps, output_dir, chord
         expert_dataset=splits["expert"] if uses_expert else None,
     )
     trainer.remove_callback(PrinterCallback)
+    # The validation splits only select: SFT's at every evaluation (its best checkpoint), the others' at the last step
+    every = {
+        split: scale.eval_every if keep_checkpoints or split not in VALIDATION_SPLITS else steps
+        for split in CURVE_SPLITS
+    }
     callbacks = {
         split: HeldOutEvaluationCallback(
-            trainer, splits[split], scale.eval_every, EVAL_TOKENS[split], step_offset, name=split
+            trainer, splits[split], every[split], EVAL_TOKENS[split], step_offset, name=split
         )
         for split in CURVE_SPLITS
     }
     for callback in callbacks.values():
         trainer.add_callback(callback)
+    saver = SaveAtEvaluations(trainer, scale.eval_every, output_dir) if keep_checkpoints else None
+    if saver is not None:
+        trainer.add_callback(saver)
     started = time.perf_counter()
     trainer.train()
     evaluation_seconds = sum(callback.seconds for callback in callbacks.values())
@@ -399,104 +555,107 @@ def train_phase(model_path, scale, seed, learning_rate, steps, output_dir, chord
     log = [
         {"step": step_offset + entry["step"], **{key: entry[key] for key in LOGGED_KEYS if key in entry}}
         for entry in trainer.state.log_history
+        if "chord/mu" in entry  # the periodic logs, not the summary at the end
     ]
-    return trainer, curves, log, time.perf_counter() - started - evaluation_seconds
-
-
-def run_method(method: Method, seed: int, learning_rate: float, scale: Scale, start_path: str, work_dir: str) -> dict:
-    """Trains one method for one seed at one learning rate; returns its evaluations over steps and its log."""
-    quiet_worker()
-    started = time.time()
-    output_dir = os.path.join(work_dir, f"{method.name}-seed{seed}-lr{learning_rate:g}")
-    first_steps = scale.steps // 2 if method.then_grpo else scale.steps
-    trainer, curves, log, training_seconds = train_phase(
-        start_path, scale, seed, learning_rate, first_steps, output_dir, method.chord
-    )
-    if method.then_grpo:
-        # The GRPO phase starts from the SFT phase's weights with a fresh optimizer, as a second training job would
-        trainer.save_model(os.path.join(output_dir, "after-sft"))
-        trainer, more_curves, more_log, more_seconds = train_phase(
-            os.path.join(output_dir, "after-sft"),
-            scale,
-            seed,
-            learning_rate,
-            scale.steps - first_steps,
-            output_dir,
-            dict(chord_mu_peak=0.0, chord_mu_valley=0.0),
-            first_steps,
-        )
-        curves = {split: curves[split] + more_curves[split] for split in CURVE_SPLITS}
-        log += more_log
-        training_seconds += more_seconds
-    splits = task_splits(scale.eval_size)
-    validation = evaluate(trainer.model, trainer.processing_class, splits["validation"], EVAL_TOKENS["validation"])
     return {
-        "method": method.name,
-        "seed": seed,
-        "learning_rate": learning_rate,
-        "validation_accuracy": validation.accuracy,
         "curves": curves,
         "log": log,
-        "training_seconds": training_seconds,
-        "seconds": time.time() - started,
+        "training_seconds": time.perf_counter() - started - evaluation_seconds,
+        "checkpoints": {} if saver is None else {step: path for step, path in saver.paths.items()},
     }
 
 
-def summarize(values: list[float]) -> dict:
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "min": min(values),
-        "max": max(values),
-        "values": values,
-    }
-
-
-FINAL_METRICS = ("accuracy", "carry_accuracy", "worked_style", "mean_length", "mean_entropy")
-
-
-def with_start(run: dict, start: dict) -> dict:
-    """The run's curves with the starting model's evaluation as step 0."""
-    return {split: [start["evaluations"][split]] + run["curves"][split] for split in CURVE_SPLITS}
-
-
-def method_summary(method: Method, runs: list[dict], starts: dict[int, dict]) -> dict:
-    """Final-step statistics over seeds, the mean curves, and the lowest point of the mean in-distribution curve."""
-    curves = [with_start(run, starts[run["seed"]]) for run in runs]
-    steps = [entry["step"] for entry in curves[0]["test"]]
-    mean_curves = {
-        split: [statistics.fmean(curve[split][index]["accuracy"] for curve in curves) for index in range(len(steps))]
-        for split in CURVE_SPLITS
-    }
-    final = {
-        split: {
-            metric: summarize([curve[split][-1][metric] for curve in curves])
-            for metric in FINAL_METRICS
-            if curves[0][split][-1][metric] is not None
+def run_arm(arm: Arm, seed: int, setting: dict, scale: Scale, start: dict, work_dir: str, phase_one=None) -> dict:
+    """
+    Trains one arm for one seed at one setting from the seed's starting model; for the two-phase arms, the GRPO phase
+    from `phase_one`'s checkpoint (`path`, `steps`, `learning_rate` and its `curves` up to that step). Returns the
+    evaluations over steps (step 0 included) and the log.
+    """
+    quiet_worker()
+    started, cpu_started = time.time(), time.process_time()
+    output_dir = os.path.join(
+        work_dir, f"{arm.name}-seed{seed}-" + setting_label(setting).replace(", ", "-").replace(" ", "")
+    )
+    chord = dict(arm.chord)
+    if "decay_steps" in setting:
+        chord["chord_mu_decay_steps"] = setting["decay_steps"]
+    curves = {split: [start["evaluations"][split]] for split in CURVE_SPLITS}
+    first_step, model_path, steps = 0, start["path"], scale.steps
+    if arm.sft_budget is not None:
+        first_step, model_path = phase_one["steps"], phase_one["path"]
+        curves = {
+            split: [point for point in phase_one["curves"][split] if point["step"] <= first_step]
+            for split in CURVE_SPLITS
         }
-        for split in CURVE_SPLITS
+        if arm.sft_budget == "equal":
+            steps = scale.steps - first_step
+    phase = train_phase(
+        model_path,
+        scale,
+        seed,
+        setting["learning_rate"],
+        steps,
+        output_dir,
+        chord,
+        step_offset=first_step,
+        keep_checkpoints=arm.name == "sft",
+    )
+    result = {
+        "arm": arm.name,
+        "seed": seed,
+        "setting": setting,
+        "curves": {split: curves[split] + phase["curves"][split] for split in CURVE_SPLITS},
+        "log": phase["log"],
+        "training_seconds": phase["training_seconds"],
+        "seconds": time.time() - started,
+        # The CPU time of the worker (its one thread), which other jobs on the machine do not stretch
+        "cpu_seconds": time.process_time() - cpu_started,
     }
-    return {
-        "description": method.description,
-        "learning_rate": runs[0]["learning_rate"],
-        "final": final,
-        "curve": {"steps": steps, **mean_curves},
-        "dip": min(mean_curves["test"]),
-        "seconds": summarize([run["seconds"] for run in runs]),
-        "training_seconds": summarize([run["training_seconds"] for run in runs]),
-        "runs": runs,
-    }
+    if arm.sft_budget is not None:
+        result["sft_phase"] = {"learning_rate": phase_one["learning_rate"], "steps": first_step}
+    if arm.name == "sft":
+        result["checkpoints"] = {0: start["path"], **phase["checkpoints"]}
+    return result
 
 
-def best_learning_rates(sweep: list[dict]) -> dict[str, float]:
-    """Each method's learning rate with the best mean validation accuracy on the selection seeds (ties: the lowest)."""
-    scores: dict[str, dict[float, list[float]]] = {}
-    for run in sweep:
-        scores.setdefault(run["method"], {}).setdefault(run["learning_rate"], []).append(run["validation_accuracy"])
-    return {
-        name: max(sorted(by_rate), key=lambda rate: statistics.fmean(by_rate[rate]))
-        for name, by_rate in scores.items()
-    }
+def validation_score(curves: dict, index: int) -> float:
+    """The selection score at the `index`-th evaluation: the mean accuracy of the two families' validation splits."""
+    return statistics.fmean(curves[split][index]["accuracy"] for split in VALIDATION_SPLITS)
+
+
+def final_validation(run: dict) -> float:
+    return validation_score(run["curves"], -1)
+
+
+def best_checkpoint(sft_run: dict, budget: str, scale: Scale) -> tuple[int, float]:
+    """
+    The step of the SFT run's best-validation checkpoint (step 0, the starting model, included; ties: the earliest)
+    and its score. `"paper"` looks at every checkpoint, `"equal"` at those of the first half of the steps.
+    """
+    last = scale.steps if budget == "paper" else scale.steps // 2
+    candidates = [
+        (validation_score(sft_run["curves"], index), -point["step"])
+        for index, point in enumerate(sft_run["curves"]["validation"])
+        if point["step"] <= last
+    ]
+    score, negative_step = max(candidates)
+    return -negative_step, score
+
+
+def choose_setting(runs: list[dict]) -> dict:
+    """
+    The setting with the best final validation score on the selection seed, of `runs` in the grid's order (ties: the
+    first).
+    """
+    return max(runs, key=final_validation)["setting"]
+
+
+def choose_sft_phase(sft_runs: list[dict], budget: str, scale: Scale) -> float:
+    """
+    SFT's learning rate for a two-phase arm: the one whose best checkpoint (within the budget) validates best, of
+    `sft_runs` in the grid's order (ties: the first).
+    """
+    return max(sft_runs, key=lambda run: best_checkpoint(run, budget, scale)[1])["setting"]["learning_rate"]
 
 
 class PreconditionFailed(RuntimeError):
@@ -522,192 +681,581 @@ def format_preconditions(prepared: dict) -> str:
         f"(carry sums {p['P2']['carry_pass_at_1']:.2f}, {p['P2']['carry_pass_at_k']:.2f}) | "
         f"P3 {holds['P3']}: expert NLL {p['P3']['expert_nll']:.2f} nats/token vs {p['P3']['own_style_nll']:.2f} in "
         f"its own style, experts correct {p['P3']['expert_correct']:.2f}, own samples worked-style "
-        f"{p['P3']['samples_in_worked_style']:.2f} | P4 {holds['P4']}: test {p['P4']['test_accuracy']:.2f}, "
-        f"OOD {p['P4']['ood_test_accuracy']:.2f} (pass@1 {p['P4']['ood_pass_at_1']:.2f})"
+        f"{p['P3']['samples_in_worked_style']:.3f} | P4 {holds['P4']}: test {p['P4']['test_accuracy']:.2f}, "
+        f"OOD {p['P4']['ood_test_accuracy']:.2f} (pass@1 {p['P4']['ood_pass_at_1']:.2f}) | "
+        f"P5 {holds['P5']}: hard pass@{p['P5']['k']} {p['P5']['pass_at_k']:.3f} (pass@1 {p['P5']['pass_at_1']:.4f}), "
+        f"experts correct {p['P5']['expert_correct']:.2f}"
     )
 
 
-def prepare_all(scale: Scale, work_dir: str, workers: int) -> dict[int, dict]:
-    """Only the starting models and their preconditions, `workers` seeds at a time (`--preconditions_only`)."""
-    started = time.time()
-    prepared = {}
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        for result in pool.map(prepare_seed, scale.seeds, [scale] * len(scale.seeds), [work_dir] * len(scale.seeds)):
-            print(f"[{time.time() - started:6.0f}s] seed {result['seed']}: {format_preconditions(result)}", flush=True)
-            prepared[result["seed"]] = result
-    return prepared
+@dataclass(frozen=True)
+class Job:
+    """A unit of work for the pool: a starting model (`arm` None) or one arm, seed and setting."""
+
+    seed: int
+    arm: str | None = None
+    setting: tuple = ()  # the setting's items, so that a job can key a dict
+
+    @property
+    def setting_dict(self) -> dict:
+        return dict(self.setting)
 
 
-def run_all(scale: Scale, work_dir: str, workers: int) -> dict:
+def job(arm: str, seed: int, setting: dict) -> Job:
+    return Job(seed, arm, tuple(setting.items()))
+
+
+# A rough cost of each arm's run, to start the long ones first: rollouts of long worked answers and the expert term
+# both cost, SFT alone (no rollouts) least
+RELATIVE_COST = {"sft": 1, "grpo": 2, "sft_best_grpo": 3, "sft_best_grpo_equal": 2}
+
+
+class Experiment:
     """
-    Every run, `workers` at a time: the starting models; as soon as a selection seed's is ready, each method at every
-    learning rate on it (the costliest methods first); once those are all done, each method at its best rate on the
-    other seeds.
+    Every run of the experiment, `workers` at a time, each as soon as what it needs is known: the starting models
+    first (their preconditions are printed before any method runs); on the selection seed every setting of every
+    grid (SFT's first, as the two-phase arms' sweeps need its checkpoints), the grid growing by one rate past an edge
+    where the arm's best rate sits; on the reported seeds each arm at its chosen setting, once its grid is final.
     """
-    started = time.time()
-    all_methods = {method.name: method for method in methods(scale.steps)}
-    # GRPO-heavy runs first, the SFT run (no generation) last, so that both workers finish the sweep together
-    run_order = [name for name in all_methods if name != "sft"] + ["sft"]
-    sweep_size = len(all_methods) * len(scale.learning_rates) * len(scale.selection_seeds)
-    prepared, runs, best = {}, [], None
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
 
-        def submit(seed: int, rates: dict[str, list[float]]) -> set:
-            path = prepared[seed]["path"]
-            return {
-                pool.submit(run_method, all_methods[name], seed, rate, scale, path, work_dir)
-                for name in run_order
-                for rate in rates[name]
-            }
+    def __init__(self, scale: Scale, work_dir: str, workers: int):
+        self.scale, self.work_dir, self.workers = scale, work_dir, workers
+        self.starts: dict[int, dict] = {}
+        self.runs: dict[Job, dict] = {}
+        self.submitted: set[Job] = set()
+        self.rates = {arm.name: sorted(scale.learning_rates) for arm in ARMS}
+        self.added_rates: dict[str, dict[int, list[float]]] = {arm.name: {-1: [], 1: []} for arm in ARMS}
+        self.started = time.time()
 
-        pending = {pool.submit(prepare_seed, seed, scale, work_dir) for seed in scale.seeds}
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                result, elapsed = future.result(), time.time() - started
-                if "method" not in result:  # a starting model
-                    prepared[result["seed"]] = result
+    def settings(self, arm: Arm) -> list[dict]:
+        return settings(arm, self.scale, self.rates[arm.name])
+
+    # What is chosen once the selection seed's sweep is in. `extend_grids` runs after every result, so a complete
+    # sweep is a final one.
+    def sweep_runs(self, arm: Arm) -> list[dict] | None:
+        """The arm's runs on the selection seed in the grid's order, once every setting of its grid has one."""
+        seed = self.scale.selection_seed
+        found = [self.runs.get(job(arm.name, seed, setting)) for setting in self.settings(arm)]
+        return None if any(run is None for run in found) else found
+
+    def sft_phase_rate(self, budget: str) -> float | None:
+        sft_runs = self.sweep_runs(ARMS_BY_NAME["sft"])
+        return None if sft_runs is None else choose_sft_phase(sft_runs, budget, self.scale)
+
+    def chosen(self, arm: Arm) -> dict | None:
+        runs = self.sweep_runs(arm)
+        return None if runs is None else choose_setting(runs)
+
+    def chosen_rates(self, arm: Arm) -> list[float]:
+        """The rates the arm's complete sweep picks: its own, and for SFT also those of the two-phase arms' phase."""
+        rates = [self.chosen(arm)["learning_rate"]]
+        if arm.name == "sft":
+            rates += [self.sft_phase_rate(budget) for budget in ("paper", "equal")]
+        return rates
+
+    def edges_reached(self, arm: Arm) -> list[int]:
+        """The edges of the arm's grid (-1 low, 1 high) where a chosen rate sits."""
+        rates, chosen = self.rates[arm.name], self.chosen_rates(arm)
+        return [direction for direction, edge in ((-1, rates[0]), (1, rates[-1])) if edge in chosen]
+
+    def extend_grids(self) -> None:
+        """Adds the next rate past each edge of a complete sweep where a chosen rate sits, up to the cap per edge."""
+        for arm in ARMS:
+            if self.sweep_runs(arm) is None:
+                continue
+            for direction in self.edges_reached(arm):
+                added = self.added_rates[arm.name][direction]
+                if len(added) < self.scale.max_grid_extensions:
+                    edge = self.rates[arm.name][0 if direction < 0 else -1]
+                    added.append(next_rate(edge, direction))
+                    self.rates[arm.name] = sorted(self.rates[arm.name] + added[-1:])
+                    print(f"{arm.name}: best rate at the edge {edge:g} of its grid, adding {added[-1]:g}", flush=True)
+
+    def phase_one(self, arm: Arm, seed: int) -> dict | None:
+        """The SFT phase a two-phase arm starts from on `seed`, once that seed's SFT run at the chosen rate is done."""
+        rate = self.sft_phase_rate(arm.sft_budget)
+        sft_run = None if rate is None else self.runs.get(job("sft", seed, {"learning_rate": rate}))
+        if sft_run is None:
+            return None
+        step, _ = best_checkpoint(sft_run, arm.sft_budget, self.scale)
+        return {
+            "learning_rate": rate,
+            "steps": step,
+            "path": sft_run["checkpoints"][step],
+            "curves": sft_run["curves"],
+        }
+
+    def wanted(self) -> list[tuple[Job, dict | None]]:
+        """Every run that can start now, with the SFT phase it starts from (two-phase arms), most urgent first."""
+        scale, seed = self.scale, self.scale.selection_seed
+        prepare = [(Job(s), None) for s in [seed, *scale.seeds]]
+        if seed not in self.starts or any(item not in self.submitted for item, _ in prepare):
+            return prepare
+        wanted = []
+        for arm in ARMS:  # the sweep, SFT's first
+            for setting in self.settings(arm):
+                if arm.sft_budget is None:
+                    wanted.append((job(arm.name, seed, setting), None))
+                elif (phase_one := self.phase_one(arm, seed)) is not None:
+                    wanted.append((job(arm.name, seed, setting), phase_one))
+        reported = []
+        for arm in ARMS:
+            if arm.sft_budget is not None and (rate := self.sft_phase_rate(arm.sft_budget)) is not None:
+                # The SFT phases, cheap, first: the two-phase arms wait for them
+                wanted += [(job("sft", s, {"learning_rate": rate}), None) for s in scale.seeds if s in self.starts]
+            if (setting := self.chosen(arm)) is None:
+                continue
+            for s in scale.seeds:
+                phase_one = None if arm.sft_budget is None else self.phase_one(arm, s)
+                if s in self.starts and (arm.sft_budget is None or phase_one is not None):
+                    reported.append((job(arm.name, s, setting), phase_one))
+        reported.sort(key=lambda item: -RELATIVE_COST.get(item[0].arm, 4))  # stable: the costliest arms first
+        return wanted + reported
+
+    def submit(self, pool, pending: set) -> None:
+        for item, phase_one in self.wanted():
+            if len(pending) >= self.workers:
+                return
+            if item in self.submitted:
+                continue
+            self.submitted.add(item)
+            if item.arm is None:
+                future = pool.submit(prepare_seed, item.seed, self.scale, self.work_dir)
+            else:
+                start = self.starts[item.seed]
+                arm = ARMS_BY_NAME[item.arm]
+                future = pool.submit(
+                    run_arm, arm, item.seed, item.setting_dict, self.scale, start, self.work_dir, phase_one
+                )
+            future.job = item
+            pending.add(future)
+
+    def run(self) -> None:
+        pending: set = set()
+        with ProcessPoolExecutor(self.workers, mp_context=get_context("spawn")) as pool:
+            self.submit(pool, pending)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
                     try:
-                        check(result, scale, elapsed)
-                    except PreconditionFailed:
+                        self.record(future.job, future.result())
+                    except BaseException:
                         pool.shutdown(wait=False, cancel_futures=True)
                         raise
-                    if result["seed"] in scale.selection_seeds:
-                        pending |= submit(result["seed"], {name: scale.learning_rates for name in all_methods})
-                    elif best is not None:
-                        pending |= submit(result["seed"], {name: [best[name]] for name in all_methods})
-                    continue
-                runs.append(result)
-                print(
-                    f"[{elapsed:6.0f}s] {result['method']:>14} seed {result['seed']} lr {result['learning_rate']:g}: "
-                    f"validation {result['validation_accuracy']:.2f}, "
-                    + ", ".join(f"{split} {result['curves'][split][-1]['accuracy']:.2f}" for split in CURVE_SPLITS)
-                    + f" in {result['seconds']:.0f}s",
-                    flush=True,
-                )
-                sweep = [run for run in runs if run["seed"] in scale.selection_seeds]
-                if best is None and len(sweep) == sweep_size:
-                    best = best_learning_rates(sweep)
-                    print(f"[{elapsed:6.0f}s] best learning rates on validation: {best}", flush=True)
-                    for seed in prepared:
-                        if seed not in scale.selection_seeds:
-                            pending |= submit(seed, {name: [best[name]] for name in all_methods})
-    starts = {seed: prepared[seed] for seed in scale.seeds}
-    chosen = {
-        name: sorted(
-            (run for run in runs if run["method"] == name and run["learning_rate"] == best[name]),
-            key=lambda run: run["seed"],
+                self.submit(pool, pending)
+
+    def record(self, item: Job, result: dict) -> None:
+        elapsed = time.time() - self.started
+        if item.arm is None:
+            self.starts[item.seed] = result
+            check(result, self.scale, elapsed)
+            return
+        self.runs[item] = result
+        if item.seed == self.scale.selection_seed:
+            self.extend_grids()
+        phase = ""
+        if "sft_phase" in result:
+            phase = f" (SFT {result['sft_phase']['steps']} steps at {result['sft_phase']['learning_rate']:g})"
+        print(
+            f"[{elapsed:6.0f}s] {item.arm:>19} seed {item.seed} {setting_label(item.setting_dict)}{phase}: validation "
+            f"{final_validation(result):.2f}, "
+            + ", ".join(f"{COLUMN_NAMES[split]} {result['curves'][split][-1]['accuracy']:.2f}" for split in COLUMNS)
+            + f" in {result['seconds']:.0f}s",
+            flush=True,
         )
-        for name in all_methods
+
+    def prepare_only(self) -> None:
+        with ProcessPoolExecutor(self.workers, mp_context=get_context("spawn")) as pool:
+            seeds = [self.scale.selection_seed, *self.scale.seeds]
+            for result in pool.map(prepare_seed, seeds, [self.scale] * len(seeds), [self.work_dir] * len(seeds)):
+                self.record(Job(result["seed"]), result)
+
+
+def summarize(values: list[float]) -> dict:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "values": values,
+    }
+
+
+FINAL_METRICS = ("accuracy", "carry_accuracy", "worked_style", "mean_length", "mean_entropy")
+
+
+def final_summary(points: list[dict]) -> dict:
+    """Each metric of a split's evaluations (one per seed), summarized over seeds."""
+    return {
+        metric: summarize([point[metric] for point in points])
+        for metric in FINAL_METRICS
+        if points[0][metric] is not None
+    }
+
+
+def mean_curves(runs: list[dict]) -> dict:
+    """The mean over seeds of each split's accuracy at every step all seeds evaluated (the two-phase arms' seeds have
+    their own step grids: the SFT phase's length differs)."""
+    common = sorted(set.intersection(*({point["step"] for point in run["curves"]["test"]} for run in runs)))
+    curves = {"steps": common}
+    for split in COLUMNS:
+        at = [{point["step"]: point["accuracy"] for point in run["curves"][split]} for run in runs]
+        curves[split] = [statistics.fmean(by_step[step] for by_step in at) for step in common]
+    return curves
+
+
+def log_diagnostics(runs: list[dict]) -> dict:
+    """The expert term's diagnostics over seeds: the mean of each logged value over each run's first and last logging
+    period, and over the whole run."""
+    diagnostics = {}
+    for key in (
+        "chord/mu",
+        "chord/effective_mu",
+        "chord/token_weight_mean",
+        "chord/expert_token_prob",
+        "chord/expert_prob_below_0.1",
+        "chord/expert_prob_above_0.9",
+        "chord/expert_nll",
+        "chord/expert_grad_norm",
+        "chord/grpo_grad_norm",
+        "reward",
+        "frac_reward_zero_std",
+    ):
+        series = [[entry[key] for entry in run["log"] if key in entry] for run in runs]
+        if all(series):
+            diagnostics[key] = {
+                "first": statistics.fmean(values[0] for values in series),
+                "last": statistics.fmean(values[-1] for values in series),
+                "run_mean": statistics.fmean(statistics.fmean(values) for values in series),
+            }
+    return diagnostics
+
+
+def arm_summary(description: str, runs: list[dict], setting: dict | None) -> dict:
+    """Final-step statistics over the reported seeds, the mean curves, the lowest point of the mean in-distribution
+    curve, the diagnostics and the runs themselves."""
+    runs = sorted(runs, key=lambda run: run["seed"])
+    curves = mean_curves(runs)
+    summary = {
+        "description": description,
+        "setting": setting,
+        "seeds": [run["seed"] for run in runs],
+        "final": {split: final_summary([run["curves"][split][-1] for run in runs]) for split in CURVE_SPLITS},
+        "curve": curves,
+        "dip": min(curves["test"]),
+        "diagnostics": log_diagnostics(runs),
+        "seconds": summarize([run["seconds"] for run in runs]),
+        "cpu_seconds": summarize([run["cpu_seconds"] for run in runs]),
+        "training_seconds": summarize([run["training_seconds"] for run in runs]),
+    }
+    if "sft_phase" in runs[0]:
+        summary["sft_phase"] = {
+            "learning_rate": runs[0]["sft_phase"]["learning_rate"],
+            "steps": [run["sft_phase"]["steps"] for run in runs],
+        }
+    return summary
+
+
+def sft_best_summary(sft_runs: list[dict], rate: float, scale: Scale) -> dict:
+    """The paper's "SFT-best" row: each reported seed's SFT run (at the SFT phase's rate), at its best-validation
+    checkpoint, the one SFT-best -> GRPO starts from."""
+    points, steps = {split: [] for split in CURVE_SPLITS}, []
+    for run in sorted(sft_runs, key=lambda run: run["seed"]):
+        step, _ = best_checkpoint(run, "paper", scale)
+        steps.append(step)
+        for split in CURVE_SPLITS:
+            points[split].append(next(point for point in run["curves"][split] if point["step"] == step))
+    return {
+        "description": "SFT-best: the best-validation SFT checkpoint (where SFT-best -> GRPO starts)",
+        "setting": {"learning_rate": rate},
+        "seeds": [run["seed"] for run in sft_runs],
+        "checkpoint_steps": steps,
+        "final": {split: final_summary(points[split]) for split in CURVE_SPLITS},
+    }
+
+
+def paired_differences(summaries: dict, reference: str, samples: int) -> dict:
+    """
+    For every other arm and column: the per-seed differences (arm - reference, the same starting model), their mean,
+    a 95% percentile bootstrap interval of the mean (seeds resampled with replacement), and the seeds where the arm
+    is ahead.
+    """
+    rng = random.Random(0)
+    reference_summary = summaries[reference]
+    result = {}
+    for name, summary in summaries.items():
+        if name in (reference, "start") or summary["seeds"] != reference_summary["seeds"]:
+            continue
+        result[name] = {}
+        for column in COLUMNS:
+            values = summary["final"][column]["accuracy"]["values"]
+            reference_values = reference_summary["final"][column]["accuracy"]["values"]
+            differences = [a - b for a, b in zip(values, reference_values, strict=True)]
+            means = sorted(statistics.fmean(rng.choices(differences, k=len(differences))) for _ in range(samples))
+            result[name][column] = {
+                "mean": statistics.fmean(differences),
+                "low": means[int(0.025 * samples)],
+                "high": means[min(samples - 1, int(0.975 * samples))],
+                "values": differences,
+                "seeds_ahead": sum(difference > 0 for difference in differences),
+                "seeds_behind": sum(difference < 0 for difference in differences),
+            }
+    return result
+
+
+TRADEOFF_PANELS = (
+    ("test", "general_test"),
+    ("hard_test", "general_test"),
+    ("test", "ood_test"),
+    ("hard_test", "ood_test"),
+)
+
+
+def pareto_frontier(points: list[dict], x: str, y: str) -> list[dict]:
+    """The points no other point beats on both `x` and `y` (higher is better), by increasing `x`."""
+    frontier = []
+    for point in sorted(points, key=lambda point: (-point[x], -point[y])):
+        if not frontier or point[y] > frontier[-1][y]:
+            frontier.append(point)
+    return frontier[::-1]
+
+
+def tradeoff(runs: list[dict]) -> dict:
+    """
+    Every model an arm's sweep reached on the selection seed (each setting, each evaluation after step 0; for the
+    two-phase arms, those of the GRPO phase) with its four test scores, and the arm's frontier for each pair of a
+    target column and a retention column.
+    """
+    points = []
+    for run in runs:
+        first_step = run.get("sft_phase", {}).get("steps", 0)
+        for index, point in enumerate(run["curves"]["test"]):
+            if point["step"] > first_step:
+                points.append(
+                    {
+                        "setting": run["setting"],
+                        "step": point["step"],
+                        **{split: run["curves"][split][index]["accuracy"] for split in COLUMNS},
+                    }
+                )
+    return {
+        "points": points,
+        "frontiers": {f"{x} vs {y}": pareto_frontier(points, x, y) for x, y in TRADEOFF_PANELS},
+    }
+
+
+def sweep_rows(experiment: Experiment) -> dict:
+    """Every setting of every arm on the selection seed: validation score and final test scores (and, for SFT, its
+    best checkpoint in each budget; for the two-phase arms, the SFT phase they started from)."""
+    seed, scale = experiment.scale.selection_seed, experiment.scale
+    rows = {}
+    for arm in ARMS:
+        rows[arm.name] = []
+        for run in experiment.sweep_runs(arm):
+            row = {
+                "setting": run["setting"],
+                "validation": final_validation(run),
+                **{split: run["curves"][split][-1]["accuracy"] for split in CURVE_SPLITS},
+            }
+            if arm.name == "sft":
+                for budget in ("paper", "equal"):
+                    step, score = best_checkpoint(run, budget, scale)
+                    row[f"best_checkpoint_{budget}"] = {"step": step, "validation": score}
+            if "sft_phase" in run:
+                row["sft_phase"] = run["sft_phase"]
+            rows[arm.name].append(row)
+    return {"seed": seed, "rows": rows}
+
+
+def results(experiment: Experiment) -> dict:
+    scale = experiment.scale
+    starts = {seed: experiment.starts[seed] for seed in [scale.selection_seed, *scale.seeds]}
+    chosen = {arm.name: experiment.chosen(arm) for arm in ARMS}
+    reported = {
+        arm.name: [experiment.runs[job(arm.name, seed, chosen[arm.name])] for seed in scale.seeds] for arm in ARMS
     }
     start_row = {
         "description": "the starting model, no training",
+        "seeds": scale.seeds,
         "final": {
-            split: {
-                metric: summarize([starts[seed]["evaluations"][split][metric] for seed in scale.seeds])
-                for metric in FINAL_METRICS
-                if starts[scale.seeds[0]]["evaluations"][split][metric] is not None
-            }
+            split: final_summary([starts[seed]["evaluations"][split] for seed in scale.seeds])
             for split in CURVE_SPLITS
         },
     }
-    summaries = {name: method_summary(all_methods[name], chosen[name], starts) for name in all_methods}
-    sft_seconds, grpo_seconds = (summaries[name]["training_seconds"]["mean"] for name in ("sft", "grpo"))
-    return {
-        "starts": starts,
-        "best_learning_rates": best,
-        # SFT (mu = 1) skips generation and the GRPO forward: its cost against GRPO's, at each one's chosen rate
-        "sft_to_grpo_time": {"sft": sft_seconds, "grpo": grpo_seconds, "ratio": sft_seconds / grpo_seconds},
-        "sweep": learning_rate_sweep(runs, scale),
-        "methods": {"start": start_row, **summaries},
+    sft_rate = experiment.sft_phase_rate("paper")
+    sft_phase_runs = [experiment.runs[job("sft", seed, {"learning_rate": sft_rate})] for seed in scale.seeds]
+    summaries = {
+        "start": start_row,
+        **{arm.name: arm_summary(arm.description, reported[arm.name], chosen[arm.name]) for arm in ARMS},
+        "sft_best": sft_best_summary(sft_phase_runs, sft_rate, scale),
     }
-
-
-def learning_rate_sweep(runs: list[dict], scale: Scale) -> dict[str, dict[str, dict]]:
-    """Every method at every learning rate on the selection seeds: validation and final test accuracies (means)."""
-    groups: dict[tuple[str, float], list[dict]] = {}
-    for run in runs:
-        if run["seed"] in scale.selection_seeds:
-            groups.setdefault((run["method"], run["learning_rate"]), []).append(run)
-    sweep: dict[str, dict[str, dict]] = {}
-    for (name, rate), group in groups.items():
-        sweep.setdefault(name, {})[f"{rate:g}"] = {
-            "validation": statistics.fmean(run["validation_accuracy"] for run in group),
-            **{
-                split: statistics.fmean(run["curves"][split][-1]["accuracy"] for run in group)
-                for split in CURVE_SPLITS
-            },
-        }
-    return sweep
+    all_runs = [
+        {key: value for key, value in run.items() if key != "checkpoints"}
+        for _, run in sorted(experiment.runs.items(), key=lambda item: (item[0].arm, item[0].seed, item[0].setting))
+    ]
+    return {
+        "starts": {
+            seed: {key: value for key, value in start.items() if key != "path"} for seed, start in starts.items()
+        },
+        "chosen_settings": chosen,
+        # Each arm's grid as the sweep left it: the rates added past an edge, and the edges a chosen rate still sits on
+        # (only where the cap stopped the growth)
+        "learning_rate_grids": {
+            arm.name: {
+                "rates": experiment.rates[arm.name],
+                "added_below": experiment.added_rates[arm.name][-1],
+                "added_above": experiment.added_rates[arm.name][1],
+                "chosen_at_edge": experiment.edges_reached(arm),
+            }
+            for arm in ARMS
+        },
+        "sft_phase_learning_rates": {budget: experiment.sft_phase_rate(budget) for budget in ("paper", "equal")},
+        "sweep": sweep_rows(experiment),
+        "methods": summaries,
+        "paired_differences": {
+            reference: paired_differences(summaries, reference, scale.bootstrap_samples) for reference in REFERENCES
+        },
+        "tradeoff": {arm.name: tradeoff(experiment.sweep_runs(arm)) for arm in ARMS},
+        "runs": all_runs,
+    }
 
 
 def cell(summary: dict, digits: int = 3) -> str:
     return f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f} [{summary['min']:.2f}, {summary['max']:.2f}]"
 
 
-def results_table(results: dict) -> str:
-    """The final step of each method at its chosen learning rate, over the seeds."""
+def describe_setting(result: dict) -> str:
+    setting = result.get("setting")
+    if setting is None:
+        return "-"
+    text = setting_label(setting).replace("learning_rate ", "lr ").replace("decay_steps ", "decay ")
+    if "sft_phase" in result:
+        steps = "/".join(map(str, result["sft_phase"]["steps"]))
+        text = f"SFT lr {result['sft_phase']['learning_rate']:g} ({steps} steps), GRPO {text}"
+    if "checkpoint_steps" in result:
+        text += f", steps {'/'.join(map(str, result['checkpoint_steps']))}"
+    return text
+
+
+def results_table(report: dict) -> str:
+    """Each arm's final scores over the reported seeds at its chosen setting."""
     lines = [
-        "| method | lr | T in-dist test | T OOD test | G retention | lowest point of the T in-dist mean curve "
-        "| worked style | length (tokens) | entropy (nats/token) | training seconds per run |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| method | chosen on validation | "
+        + " | ".join(COLUMN_NAMES[split] for split in COLUMNS)
+        + " | lowest point of the mean T in-dist curve | worked style (T in-dist) | training s per run |",
+        "| --- | --- | " + " | ".join("---" for _ in COLUMNS) + " | --- | --- | --- |",
     ]
-    for name, result in results["methods"].items():
+    for name, result in report["methods"].items():
         final = result["final"]
-        test = final["test"]
+        dip = f"{result['dip']:.3f}" if "dip" in result else "-"
+        seconds = f"{result['training_seconds']['mean']:.0f}" if "training_seconds" in result else "-"
         lines.append(
-            f"| {name}: {result['description']} | {result.get('learning_rate', '-')} | {cell(test['accuracy'])} "
-            f"| {cell(final['ood_test']['accuracy'])} | {cell(final['general_test']['accuracy'])} "
-            f"| {result['dip']:.3f} | {test['worked_style']['mean']:.2f} | {test['mean_length']['mean']:.1f} "
-            f"| {test['mean_entropy']['mean']:.3f} | {result['training_seconds']['mean']:.0f} |"
-            if name != "start"
-            else f"| {name}: {result['description']} | - | {cell(test['accuracy'])} "
-            f"| {cell(final['ood_test']['accuracy'])} | {cell(final['general_test']['accuracy'])} | - "
-            f"| {test['worked_style']['mean']:.2f} | {test['mean_length']['mean']:.1f} "
-            f"| {test['mean_entropy']['mean']:.3f} | - |"
+            f"| {name}: {result['description']} | {describe_setting(result)} | "
+            + " | ".join(cell(final[split]["accuracy"]) for split in COLUMNS)
+            + f" | {dip} | {final['test']['worked_style']['mean']:.2f} | {seconds} |"
         )
     return "\n".join(lines)
 
 
-def sweep_table(results: dict) -> str:
-    """Every learning rate of every method on the selection seeds; the chosen one in bold."""
+def differences_table(report: dict, reference: str) -> str:
     lines = [
-        "| method | lr | validation (selects) | T in-dist test | T OOD test | G retention |",
-        "| --- | --- | --- | --- | --- | --- |",
+        f"| method - {reference} | " + " | ".join(COLUMN_NAMES[split] for split in COLUMNS) + " |",
+        "| --- | " + " | ".join("---" for _ in COLUMNS) + " |",
     ]
-    for name, by_rate in results["sweep"].items():
-        for rate, scores in sorted(by_rate.items(), key=lambda item: float(item[0])):
-            chosen = float(rate) == results["best_learning_rates"][name]
-            mark = "**" if chosen else ""
+    for name, columns in report["paired_differences"][reference].items():
+        cells = [
+            f"{c['mean']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] ({c['seeds_ahead']}/{len(c['values'])} ahead)"
+            for c in (columns[split] for split in COLUMNS)
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sweep_table(report: dict) -> str:
+    """Every setting of every arm on the selection seed; the chosen one in bold."""
+    lines = [
+        "| method | setting | validation (selects) | "
+        + " | ".join(COLUMN_NAMES[split] for split in COLUMNS)
+        + " | note |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in COLUMNS) + " | --- |",
+    ]
+    for name, rows in report["sweep"]["rows"].items():
+        for row in rows:
+            mark = "**" if row["setting"] == report["chosen_settings"][name] else ""
+            note = ""
+            if "best_checkpoint_paper" in row:
+                paper, equal = row["best_checkpoint_paper"], row["best_checkpoint_equal"]
+                note = (
+                    f"best checkpoint: step {paper['step']} ({paper['validation']:.3f}); in the first half: step "
+                    f"{equal['step']} ({equal['validation']:.3f})"
+                )
+            if "sft_phase" in row:
+                note = f"from SFT at {row['sft_phase']['learning_rate']:g}, step {row['sft_phase']['steps']}"
+            label = setting_label(row["setting"]).replace("learning_rate ", "lr ").replace("decay_steps ", "decay ")
             lines.append(
-                f"| {name} | {mark}{rate}{mark} | {mark}{scores['validation']:.3f}{mark} | {scores['test']:.3f} "
-                f"| {scores['ood_test']:.3f} | {scores['general_test']:.3f} |"
+                f"| {name} | {mark}{label}{mark} | {mark}{row['validation']:.3f}{mark} | "
+                + " | ".join(f"{row[split]:.3f}" for split in COLUMNS)
+                + f" | {note} |"
             )
     return "\n".join(lines)
 
 
-MAIN_METHODS = ("sft", "grpo", "sft_then_grpo", "chord_mu", "chord_phi")
-CURVE_TITLES = {
-    "test": "T in distribution (two-digit test sums)",
-    "ood_test": "T out of distribution (three-digit sums)",
-    "general_test": "G retention (reversing test words)",
-}
+def diagnostics_table(report: dict) -> str:
+    """The expert term's diagnostics, mean over the reported seeds: first and last logging period."""
+    keys = ("chord/mu", "chord/effective_mu", "chord/token_weight_mean", "chord/expert_token_prob", "chord/expert_nll")
+    lines = [
+        "| method | " + " | ".join(f"{key.removeprefix('chord/')} (first -> last)" for key in keys) + " |",
+        "| --- | " + " | ".join("---" for _ in keys) + " |",
+    ]
+    for name, result in report["methods"].items():
+        diagnostics = result.get("diagnostics")
+        if not diagnostics or "chord/effective_mu" not in diagnostics:
+            continue
+        cells = [
+            f"{diagnostics[key]['first']:.3g} -> {diagnostics[key]['last']:.3g}" if key in diagnostics else "-"
+            for key in keys
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
-def plot_curves(results: dict, path: str) -> None:
-    """Mean accuracy over seeds against the optimizer step, one panel per test split; the start as a dotted line."""
+def preconditions_table(report: dict) -> str:
+    lines = [
+        "| seed | pre-training steps | P1 G | P2 pass@1 / pass@8 (carry) | P3 expert / own NLL, experts right, own "
+        "worked | P4 T test / OOD | P5 hard pass@8 (pass@1), experts right | all hold |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for seed, start in report["starts"].items():
+        p = start["preconditions"]
+        lines.append(
+            f"| {seed} | {start['pretraining']['steps']} | {p['P1']['general_accuracy']:.3f} | "
+            f"{p['P2']['pass_at_1']:.3f} / {p['P2']['pass_at_k']:.3f} ({p['P2']['carry_pass_at_1']:.3f} / "
+            f"{p['P2']['carry_pass_at_k']:.3f}) | {p['P3']['expert_nll']:.2f} / {p['P3']['own_style_nll']:.2f}, "
+            f"{p['P3']['expert_correct']:.2f}, {p['P3']['samples_in_worked_style']:.3f} | "
+            f"{p['P4']['test_accuracy']:.3f} / {p['P4']['ood_test_accuracy']:.3f} | {p['P5']['pass_at_k']:.3f} "
+            f"({p['P5']['pass_at_1']:.4f}), {p['P5']['expert_correct']:.2f} | "
+            f"{'yes' if all(result['holds'] for result in p.values()) else 'NO'} |"
+        )
+    return "\n".join(lines)
+
+
+MAIN_ARMS = ("sft", "grpo", "sft_best_grpo", "sft_best_grpo_equal", "chord_mu", "chord_phi", "chord_phi_mean")
+
+
+def plot_curves(report: dict, path: str) -> None:
+    """Mean accuracy over the reported seeds against the optimizer step, one panel per column; the start dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(CURVE_SPLITS), figsize=(16, 5), sharex=True)
-    for axis, split in zip(axes, CURVE_SPLITS):
-        axis.axhline(results["methods"]["start"]["final"][split]["accuracy"]["mean"], color="gray", linestyle=":")
-        for name, result in results["methods"].items():
-            if name == "start":
+    figure, axes = plt.subplots(1, len(COLUMNS), figsize=(20, 5), sharex=True)
+    for axis, split in zip(axes, COLUMNS):
+        axis.axhline(report["methods"]["start"]["final"][split]["accuracy"]["mean"], color="gray", linestyle=":")
+        for name, result in report["methods"].items():
+            if "curve" not in result:
                 continue
-            main = name in MAIN_METHODS
+            main = name in MAIN_ARMS
             axis.plot(
                 result["curve"]["steps"],
                 result["curve"][split],
@@ -715,19 +1263,51 @@ def plot_curves(results: dict, path: str) -> None:
                 label=name,
                 linewidth=2 if main else 1,
             )
-        axis.set_title(CURVE_TITLES[split], fontsize=10)
+        axis.set_title(COLUMN_TITLES[split], fontsize=10)
         axis.set_xlabel("optimizer step")
         axis.set_ylim(-0.02, 1.02)
         axis.grid(alpha=0.3)
-    axes[0].set_ylabel("greedy accuracy, mean over seeds (dotted: start)")
-    axes[-1].legend(fontsize=8, ncol=2)
+    axes[0].set_ylabel(f"greedy accuracy, mean over seeds {report['methods']['start']['seeds']} (dotted: start)")
+    axes[-1].legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def plot_tradeoff(report: dict, path: str) -> None:
+    """Every model each arm's sweep reached (selection seed), a target column against a retention column, with the
+    arm's frontier; the starting model as a black star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(2, 2, figsize=(13, 11))
+    colors = plt.get_cmap("tab10")
+    start = report["starts"][report["sweep"]["seed"]]["evaluations"]
+    for axis, (x, y) in zip(axes.flat, TRADEOFF_PANELS):
+        for index, (name, result) in enumerate(report["tradeoff"].items()):
+            points = result["points"]
+            axis.scatter([p[x] for p in points], [p[y] for p in points], s=8, alpha=0.35, color=colors(index))
+            frontier = result["frontiers"][f"{x} vs {y}"]
+            axis.plot(
+                [p[x] for p in frontier], [p[y] for p in frontier], "-o", markersize=3, color=colors(index), label=name
+            )
+        axis.scatter([start[x]["accuracy"]], [start[y]["accuracy"]], marker="*", s=200, color="black", zorder=5)
+        axis.set_xlabel(COLUMN_TITLES[x])
+        axis.set_ylabel(COLUMN_TITLES[y])
+        axis.set_xlim(-0.02, 1.02)
+        axis.set_ylim(-0.02, 1.02)
+        axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    figure.suptitle(f"Every evaluated model of every sweep run (seed {report['sweep']['seed']}), each arm's frontier")
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
     plt.close(figure)
 
 
 def provenance() -> dict:
-    """The commit the run started from, whether the tree had changes, the machine and its load."""
+    """The commit the run started from, whether the tree had changes, the machine."""
 
     def git(*args):
         return subprocess.run(["git", *args], capture_output=True, text=True, check=False).stdout.strip()
@@ -758,36 +1338,50 @@ def machine_load() -> dict:
     return {"load_average": load, "busy_cpu_seconds": busy / os.sysconf("SC_CLK_TCK")}
 
 
+def resource_seconds() -> float:
+    """CPU seconds used by this process and its finished children (the workers, once the pool has closed)."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a much smaller smoke version (about a minute)")
-    parser.add_argument("--output_dir", default="docs/results", help="where the JSON and the PNG go")
+    parser.add_argument("--output_dir", default="docs/results", help="where the JSON and the PNGs go")
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel, one CPU thread each")
     parser.add_argument(
         "--preconditions_only",
         action="store_true",
-        help="pre-train the starting models, measure P1-P4 and stop (writes paper_table_preconditions.json)",
+        help="pre-train the starting models, measure P1-P5 and stop (writes paper_table_preconditions.json)",
     )
     options = parser.parse_args()
     scale = QUICK if options.quick else FULL
     started, load_before = time.time(), machine_load()
     own_cpu_before = resource_seconds()
     info = provenance()
-    if options.preconditions_only:
-        with tempfile.TemporaryDirectory(prefix="chord-paper-") as work_dir:
-            starts = prepare_all(scale, work_dir, options.workers)
-        for start in starts.values():
-            del start["path"]  # a temporary folder, gone now
-        report = {"scale": asdict(scale), "wall_seconds": time.time() - started, "provenance": info, "starts": starts}
-        os.makedirs(options.output_dir, exist_ok=True)
-        with open(os.path.join(options.output_dir, "paper_table_preconditions.json"), "w") as file:
-            json.dump(report, file, indent=1)
-        return
+    os.makedirs(options.output_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="chord-paper-") as work_dir:
+        experiment = Experiment(scale, work_dir, options.workers)
         try:
-            results = run_all(scale, work_dir, options.workers)
+            experiment.prepare_only() if options.preconditions_only else experiment.run()
         except PreconditionFailed as error:
             sys.exit(f"Precondition failed: {error}")
+        report = {"starts": experiment.starts} if options.preconditions_only else results(experiment)
+    if options.preconditions_only:
+        report = {
+            "scale": asdict(scale),
+            "wall_seconds": time.time() - started,
+            "provenance": info,
+            "starts": {
+                seed: {k: v for k, v in start.items() if k != "path"} for seed, start in report["starts"].items()
+            },
+        }
+        with open(os.path.join(options.output_dir, "paper_table_preconditions.json"), "w") as file:
+            json.dump(report, file, indent=1)
+        print("\nPreconditions (starting models):\n" + preconditions_table(report))
+        return
     wall_seconds, load_after = time.time() - started, machine_load()
     own_cpu_seconds = resource_seconds() - own_cpu_before
     all_cpu_seconds = load_after["busy_cpu_seconds"] - load_before["busy_cpu_seconds"]
@@ -798,34 +1392,32 @@ def main():
         "cpu_seconds_all_processes": all_cpu_seconds,
         "share_of_cpu_used_by_others": max(0.0, 1 - own_cpu_seconds / all_cpu_seconds) if all_cpu_seconds else 0.0,
     }
-    os.makedirs(options.output_dir, exist_ok=True)
+    report = {
+        "scale": asdict(scale),
+        "arms": {arm.name: asdict(arm) for arm in ARMS},
+        "wall_seconds": wall_seconds,
+        "provenance": info,
+        **report,
+    }
     name = "paper_table_quick" if options.quick else "paper_table"
-    plot_curves(results, os.path.join(options.output_dir, f"{name}.png"))
-    report = {"scale": asdict(scale), "wall_seconds": wall_seconds, "provenance": info, **results}
+    plot_curves(report, os.path.join(options.output_dir, f"{name}.png"))
+    plot_tradeoff(report, os.path.join(options.output_dir, f"{name}_tradeoff.png"))
     with open(os.path.join(options.output_dir, f"{name}.json"), "w") as file:
         json.dump(report, file, indent=1)
-    print("\nPreconditions (starting models):")
-    for seed, prepared in results["starts"].items():
-        print(f"seed {seed}: {format_preconditions(prepared)}")
-    print("\nLearning rates (selection seeds):\n" + sweep_table(results))
-    print("\nResults (final step, chosen learning rate, all seeds):\n" + results_table(results))
+    print("\nPreconditions (starting models):\n" + preconditions_table(report))
+    print(f"\nSettings (selection seed {scale.selection_seed}, not reported):\n" + sweep_table(report))
+    print(f"\nResults (final step, chosen settings, seeds {scale.seeds}):\n" + results_table(report))
+    for reference in REFERENCES:
+        print(
+            f"\nPaired differences against {reference} (95% bootstrap intervals over seeds):\n"
+            + differences_table(report, reference)
+        )
+    print("\nThe expert term's diagnostics (chosen settings, mean over seeds):\n" + diagnostics_table(report))
     print(
-        f"\nTraining time per run, without evaluations: SFT {results['sft_to_grpo_time']['sft']:.0f} s, GRPO "
-        f"{results['sft_to_grpo_time']['grpo']:.0f} s (ratio {results['sft_to_grpo_time']['ratio']:.2f})"
-    )
-    print(
-        f"Wall time {wall_seconds / 60:.1f} min; CPU share used by other processes "
+        f"\nWall time {wall_seconds / 60:.1f} min; CPU share used by other processes "
         f"{info['load']['share_of_cpu_used_by_others']:.0%}; commit {info['commit']}; "
         f"results in {options.output_dir}/{name}.*"
     )
-
-
-def resource_seconds() -> float:
-    """CPU seconds used by this process and its finished children (the workers, once the pool has closed)."""
-    import resource
-
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 if __name__ == "__main__":
