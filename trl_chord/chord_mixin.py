@@ -170,7 +170,8 @@ class ChordMixin:
                 schedule = f"chord_mu_peak={args.chord_mu_peak}, chord_mu_valley={args.chord_mu_valley}"
             raise ValueError(
                 f"The CHORD schedule gives mu > 0 at some step ({schedule}), but no `expert_dataset` was given. Pass "
-                f"`expert_dataset=...`, or set chord_mu_peak=chord_mu_valley=0 for plain {self._on_policy_term.upper()}."
+                "`expert_dataset=...`, or set chord_mu_peak=chord_mu_valley=0 for plain "
+                f"{self._on_policy_term.upper()}."
             )
         if not mu_ever_positive and (expert_dataset is not None or args.chord_sft_dataset_proportions is not None):
             unused = "the `expert_dataset`" if expert_dataset is not None else "`chord_sft_dataset_proportions`"
@@ -298,8 +299,8 @@ class ChordMixin:
     def _packed_attention_inputs(self):
         """
         For a trainer whose model attends over sequences packed into one row (AsyncGRPOTrainer's tree attention): the
-        function giving the forward's extra inputs for packed sequences of given lengths (see [`add_expert_loss_head`]).
-        `None`: the model takes padded batches with an attention mask.
+        function giving the forward's extra inputs for packed sequences of given lengths ([`add_expert_loss_head`]'s
+        `packed_inputs`). `None`: the model takes padded batches with an attention mask.
         """
         return None
 
