@@ -1,5 +1,5 @@
 """Two CPU processes over gloo: DDP (torchrun and `accelerate launch --multi_gpu`) and DeepSpeed ZeRO-2/3, with
-ChordTrainer and, where marked, ChordRLOOTrainer (`--trainer rloo`).
+ChordTrainer and, where marked, ChordRLOOTrainer (`--trainer rloo`) and ChordAsyncGRPOTrainer (`--trainer async_grpo`).
 
 Every launch has a timeout, so a hang (a process left waiting in a collective) fails the test instead of blocking CI.
 """
@@ -169,6 +169,30 @@ def test_rloo_on_two_processes_mixes_rloos_update_and_the_expert_terms(tiny_mode
                 atol=1e-6,
                 msg=f"{name} {key}",
             )
+
+
+@pytest.mark.slow
+def test_async_grpo_on_two_processes(tiny_model_dir, tmp_path):
+    # ChordAsyncGRPOTrainer under DDP, rollouts from the in-process worker of tests/async_grpo_cpu.py on the main
+    # process. mu = 0 is AsyncGRPOTrainer bit for bit. With mu crossing from 1 to 0 (1, 0.5, 0), both processes run the expert
+    # forward at the same micro-steps (a process waiting in a collective would hang the run: the launch has a
+    # timeout), skip the same GRPO forward, draw disjoint expert examples, and end with the same weights.
+    runs = {"plain": ["--plain"], "mu0": ["--mu-peak", "0"], "crossing": ["--mu-peak", "1", "--mu-decay-steps", "2"]}
+    ranks = {}
+    for name, extra in runs.items():
+        output = tmp_path / name
+        output.mkdir()
+        ranks[name] = launch("torchrun", tiny_model_dir, output, "--trainer", "async_grpo", "--max-steps", "3", *extra)
+    assert ranks["plain"][0]["weights_sha256"] == ranks["mu0"][0]["weights_sha256"] is not None
+    assert ranks["plain"][0]["losses"] == ranks["mu0"][0]["losses"]
+    crossing = ranks["crossing"]
+    for rank in crossing:
+        assert rank["mu"] == [1.0, 0.5, 0.0]
+        assert rank["on_policy_skipped"] == [1.0, 0.0, 0.0]
+        assert len(rank["drawn"]) == 4  # 2 steps with mu > 0 x 2 micro-steps
+    assert crossing[0]["sft_loss"] == crossing[1]["sft_loss"] and crossing[0]["sft_loss"][2] is None
+    assert crossing[0]["weights_sha256"] == crossing[1]["weights_sha256"] is not None
+    assert_shards_disjoint_within_each_pass(crossing, 13)
 
 
 @pytest.fixture(scope="module")
