@@ -174,9 +174,9 @@ def test_rloo_on_two_processes_mixes_rloos_update_and_the_expert_terms(tiny_mode
 @pytest.mark.slow
 def test_async_grpo_on_two_processes(tiny_model_dir, tmp_path):
     # ChordAsyncGRPOTrainer under DDP, rollouts from the in-process worker of tests/async_grpo_cpu.py on the main
-    # process. mu = 0 is AsyncGRPOTrainer bit for bit. With mu crossing from 1 to 0 (1, 0.5, 0), both processes run the expert
-    # forward at the same micro-steps (a process waiting in a collective would hang the run: the launch has a
-    # timeout), skip the same GRPO forward, draw disjoint expert examples, and end with the same weights.
+    # process. mu = 0 is AsyncGRPOTrainer bit for bit. With mu crossing from 1 to 0 (1, 0.5, 0), both processes run
+    # the expert forward at the same micro-steps (a process waiting in a collective would hang the run: the launch
+    # has a timeout), skip the same GRPO forward, draw disjoint expert examples, and end with the same weights.
     runs = {"plain": ["--plain"], "mu0": ["--mu-peak", "0"], "crossing": ["--mu-peak", "1", "--mu-decay-steps", "2"]}
     ranks = {}
     for name, extra in runs.items():
