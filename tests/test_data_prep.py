@@ -1,4 +1,5 @@
-"""The data scripts in `recipes/data`, run as users run them, on small local files in each source's schema."""
+"""The data preparations (`trl-chord prepare NAME`), run as users run them, on small local files in each source's
+schema."""
 
 import io
 import json
@@ -13,20 +14,20 @@ from trl_chord.expert_data import prepare_expert_dataset
 from trl_chord.rewards import math_accuracy_reward, tool_call_reward
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA_SCRIPTS = os.path.join(ROOT, "recipes", "data")
+# The console script that `pip install` put next to this interpreter
+TRL_CHORD = os.path.join(os.path.dirname(sys.executable), "trl-chord")
 MAX_EXPERT_TOKENS = 120
 
 
 def run_script(name: str, tmp_path, *arguments: str) -> str:
-    """Run a data script offline; returns its stdout."""
+    """Run `trl-chord prepare NAME` offline; returns its stdout."""
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
         "HF_DATASETS_CACHE": str(tmp_path / "cache"),
     }
-    command = [sys.executable, os.path.join(DATA_SCRIPTS, name), *arguments]
+    command = [TRL_CHORD, "prepare", name, *arguments]
     completed = run_bounded(command, timeout=300, env=env)
     assert completed.returncode == 0, completed.stderr[-5000:]
     return completed.stdout
@@ -94,7 +95,7 @@ def math_source(tmp_path_factory) -> str:
 
 def test_openr1_math_split_with_token_limit(math_source, tmp_path, tiny_model_dir, tiny_tokenizer):
     stdout = run_script(
-        "prepare_openr1_math.py",
+        "openr1_math",
         tmp_path,
         *("--dataset", math_source, "--output_dir", str(tmp_path / "out"), "--num_sft", "10", "--num_rl", "10"),
         *("--tokenizer", tiny_model_dir, "--max_expert_tokens", str(MAX_EXPERT_TOKENS)),
@@ -142,7 +143,7 @@ def test_openr1_math_split_with_token_limit(math_source, tmp_path, tiny_model_di
 
 def test_openr1_math_reverify_and_caps(math_source, tmp_path):
     run_script(
-        "prepare_openr1_math.py",
+        "openr1_math",
         tmp_path,
         *("--dataset", math_source, "--output_dir", str(tmp_path / "out"), "--num_sft", "10", "--num_rl", "2"),
         *("--reverify", "--seed", "7"),
@@ -254,7 +255,7 @@ def toolace_source(tmp_path_factory) -> str:
 def test_toolace_rl_prompts_parse_calls_exactly(toolace_source, tmp_path):
     output_dir = tmp_path / "out"
     run_script(
-        "prepare_toolace.py",
+        "toolace",
         tmp_path,
         *("--dataset", toolace_source, "--output_dir", str(output_dir), "--num_sft", "0", "--num_rl", "10"),
     )
@@ -280,7 +281,7 @@ def test_toolace_rl_prompts_parse_calls_exactly(toolace_source, tmp_path):
 def test_toolace_split_is_disjoint_and_experts_load(toolace_source, tmp_path, tiny_tokenizer):
     output_dir = tmp_path / "out"
     stdout = run_script(
-        "prepare_toolace.py",
+        "toolace",
         tmp_path,
         *("--dataset", toolace_source, "--output_dir", str(output_dir), "--num_sft", "2", "--num_rl", "1"),
     )
@@ -344,7 +345,7 @@ def geometry_dir(tmp_path_factory):
     """The script's output on local files in Geometry3K's layout and Trinity-RFT's SFT layout."""
     folder = tmp_path_factory.mktemp("geometry3k")
     run_script(
-        "prepare_geometry3k.py",
+        "geometry3k",
         folder,
         *("--dataset", image_parquet(folder / "geometry3k.parquet", GEOMETRY_ROWS)),
         *("--expert_dataset", image_parquet(folder / "solutions.parquet", GEOMETRY_SOLUTIONS)),

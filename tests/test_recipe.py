@@ -93,6 +93,59 @@ def test_config_names_and_paths(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == shipped_configs()["accelerate/zero2"]
 
 
+def test_config_given_with_an_equals_sign(tmp_path):
+    script_args, training_args, _ = parse_args(["--config=demo", "--output_dir", str(tmp_path)])
+    assert training_args.max_steps == 1500 and script_args.heldout_eval_steps == 100  # the demo config's
+
+
+def test_help_opens_with_the_commands_and_config(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["--help"])
+    assert exit_info.value.code == 0
+    opening = "\n".join(capsys.readouterr().out.splitlines()[:12])
+    assert "--config NAME_OR_FILE" in opening and "trl-chord configs" in opening and "trl-chord prepare" in opening
+
+
+@pytest.mark.parametrize(
+    "command, message",
+    [
+        (["configs", "nope"], "'nope' is neither a file nor a shipped config; shipped configs: demo, "),
+        (["--config", "nope"], "'nope' is neither a file nor a shipped config"),
+        (["prepare", "nope"], "no data preparation 'nope'; there are: openr1_math, toolace, geometry3k."),
+        # GPU configs on a machine without one: what to add, in place of transformers' bf16 error
+        (["--config", "math_chord_phi"], "add --use_cpu true --bf16 false, and --use_vllm false"),
+    ],
+)
+def test_command_line_mistakes_are_one_line_errors(command, message):
+    if command[-1] == "math_chord_phi":
+        from transformers.utils import is_torch_bf16_gpu_available
+
+        if is_torch_bf16_gpu_available():
+            pytest.skip("this machine has a GPU with bf16")
+    completed = run_bounded([TRL_CHORD, *command], timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert completed.returncode == 2
+    errors = [line for line in completed.stderr.splitlines() if line.startswith("trl-chord: error: ")]
+    assert len(errors) == 1 and message in errors[0], completed.stderr[-3000:]
+    assert "Traceback" not in completed.stderr
+    # Nor bitsandbytes' notice about an optional CPU kernel, which its import (through peft) logged in every command
+    assert "Failed to load CPU gemm_4bit_forward" not in completed.stderr
+
+
+def test_listing_configs_and_preparations_imports_neither_torch_nor_trl():
+    probe = (
+        "import sys\n"
+        "from trl_chord.cli import main\n"
+        "main(['configs']); main(['configs', 'accelerate/zero3']); main(['prepare'])\n"
+        "print(sorted({'torch', 'transformers', 'trl', 'datasets'} & set(sys.modules)))"
+    )
+    completed = run_bounded([sys.executable, "-c", probe], timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    lines = completed.stdout.splitlines()
+    assert lines[-1] == "[]"
+    assert any(line.startswith("toolace ") or line.strip().startswith("toolace ") for line in lines)
+    assert lines[len(shipped_configs())] == shipped_configs()["accelerate/zero3"]
+
+
 ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
 LAUNCHES = {
     "ddp": [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2"],
@@ -344,3 +397,19 @@ def test_the_builtin_demo_refuses_async_grpo_with_the_reason(tmp_path):
     args = parse_args(["--output_dir", str(tmp_path), *cpu, "--trainer", "async_grpo"])
     with pytest.raises(ValueError, match="--trainer async_grpo needs a vLLM server"):
         main(*args)
+
+
+def test_plot_has_a_heldout_panel_only_with_heldout_evaluations(tmp_path):
+    from PIL import Image
+
+    from trl_chord.demo.reporting import plot_metrics
+
+    log = tmp_path / "metrics.jsonl"
+    write_jsonl(log, [{"step": s, "chord/mu": 0.1, "reward": 0.5, "chord/expert_nll": 2.0 / s} for s in (1, 2)])
+    history = [{"step": 0, "accuracy": 0.0}, {"step": 2, "accuracy": 0.5}]
+    widths = {}
+    for name, heldout in {"without": None, "with": history}.items():
+        with Image.open(plot_metrics(str(log), str(tmp_path / f"{name}.png"), heldout)) as image:
+            widths[name] = image.width
+    # 4 inches at 100 dpi per panel: mu, reward, expert NLL, and held-out accuracy when there is any
+    assert widths == {"without": 3 * 400, "with": 4 * 400}

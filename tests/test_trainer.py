@@ -1,6 +1,7 @@
 import json
 import logging
 import os
+import warnings
 
 import pytest
 import torch
@@ -465,6 +466,52 @@ def test_optimizers_that_step_inside_the_backward_get_one_joint_backward(tiny_mo
     # backward would be a separate optimizer step on the expert gradient alone
     trainer = make_trainer(tiny_model_dir, chord_config(tmp_path, optim=optim), make_expert_dataset())
     assert trainer.backward_expert_term_first == (optim == "adamw_torch")
+
+
+@pytest.mark.parametrize("gradient_accumulation_steps, fills_a_step", [(4, True), (5, False)])
+def test_too_few_rl_prompts_for_a_step_fail_before_training(
+    tiny_model_dir, tmp_path, gradient_accumulation_steps, fills_a_step
+):
+    # 16 prompts; a step takes 8 completions x gradient_accumulation_steps, 2 per prompt: 16 prompts, then 20
+    args = chord_config(
+        tmp_path,
+        per_device_train_batch_size=8,
+        num_generations=2,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        max_steps=1,
+    )
+    trainer = make_trainer(tiny_model_dir, args, expert_dataset=make_expert_dataset())
+    # The oracle: TRL's own dataloader, which has batches exactly when the prompts fill a generation batch
+    assert (len(trainer.get_train_dataloader()) > 0) == fills_a_step
+    if fills_a_step:
+        trainer.train()
+        assert trainer.state.global_step == 1
+    else:
+        with pytest.raises(ValueError, match="The RL dataset has 16 prompts, but an optimizer step needs 20"):
+            trainer.train()
+        assert trainer.state.global_step == 0
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [{}, {"gradient_checkpointing": False}, {"gradient_checkpointing_kwargs": {"use_reentrant": False}}],
+)
+def test_gradient_checkpointing_settings_apply_without_a_deprecation_warning(tmp_path, setting):
+    # transformers 5 renamed the option activation_checkpointing and warns on the old name, which GRPOConfig's
+    # default (on) and the shipped configs set
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        args = chord_config(tmp_path, **setting)
+    enabled = setting.get("gradient_checkpointing", True)
+    kwargs = setting.get("gradient_checkpointing_kwargs")
+    assert args.gradient_checkpointing is enabled and args.gradient_checkpointing_kwargs == kwargs
+    assert getattr(args, "activation_checkpointing", enabled) is enabled  # transformers 5's own name, where it is
+    assert getattr(args, "activation_checkpointing_kwargs", kwargs) == kwargs
+
+
+def test_grpo_config_is_refused(tiny_model_dir, tmp_path):
+    with pytest.raises(TypeError, match="must be a `ChordConfig`"):
+        make_trainer(tiny_model_dir, GRPOConfig(output_dir=str(tmp_path), **COMMON_ARGS), make_expert_dataset())
 
 
 def test_missing_expert_dataset(tiny_model_dir, tmp_path):

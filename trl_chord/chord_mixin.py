@@ -112,6 +112,24 @@ def expert_backward_runs_first(distributed_type: DistributedType, optim: str) ->
     return distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP) and not steps_in_backward
 
 
+def check_prompts_fill_a_step(num_prompts: int, args) -> None:
+    """
+    Raises a `ValueError` when `num_prompts` RL prompts give no optimizer step. GRPOTrainer's and RLOOTrainer's sampler
+    draws the prompts in generation batches of `generation_batch_size // num_generations` distinct prompts and drops an
+    incomplete last one, and nothing trains before a generation batch is complete: with fewer prompts than one, the
+    Trainer would end "training" at once, without a step and without a word.
+    """
+    needed = args.generation_batch_size // args.num_generations
+    if num_prompts < needed:
+        raise ValueError(
+            f"The RL dataset has {num_prompts} prompts, but an optimizer step needs {needed}: generation_batch_size "
+            f"{args.generation_batch_size} completions (per_device_train_batch_size {args.per_device_train_batch_size}"
+            f" x {args.world_size} processes x steps_per_generation {args.steps_per_generation}, which defaults to "
+            f"gradient_accumulation_steps) / num_generations {args.num_generations}. Training would make no step: "
+            "give more prompts, or lower per_device_train_batch_size or gradient_accumulation_steps."
+        )
+
+
 class ChordMixin:
     """
     CHORD's expert term for a TRL online trainer: `loss = (1 - mu) * on_policy_loss + mu * sft_loss` on every training
@@ -553,9 +571,15 @@ class ChordMixin:
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """[`~transformers.Trainer.train`], resuming only from complete checkpoints.
 
+        A trainer that generates its own rollouts fails at once when the RL dataset has fewer prompts than an optimizer
+        step needs (`check_prompts_fill_a_step`; AsyncGRPOTrainer's worker cycles through its prompts).
+
         With `resume_from_checkpoint=True`, the newest complete checkpoint in `output_dir` is used: ones cut short by
         a crash during the save are skipped with a warning. A checkpoint path given explicitly must be complete.
         """
+        # (not a streamed dataset)
+        if self._generates_rollouts and self.train_dataset is not None and hasattr(self.train_dataset, "__len__"):
+            check_prompts_fill_a_step(len(self.train_dataset), self.args)
         needs_chord_state = self.expert_sampler is not None
         if resume_from_checkpoint is True:
             complete, incomplete = complete_checkpoints(self.args.output_dir, needs_chord_state)

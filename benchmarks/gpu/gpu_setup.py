@@ -93,23 +93,21 @@ def random_model(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# trl_chord's expert head, reached through a model. How the head hooks a model (`add_expert_loss_head`,
-# `probe_lm_head`, `chord_lm_head_probe`) is being redesigned (issue 18): these functions are the only code of the GPU
-# checks that knows it, so that they are the only code to adapt.
+# trl_chord's expert head, reached through a model: the only code of the GPU checks that knows how the head hooks a
+# model (`model.chord_expert_head`, an `ExpertHead`).
 
 
 def expert_head_path(model: PreTrainedModel) -> str | None:
     """Which head a ChordTrainer model's expert term went through ("chunked" is trl_chord's own), once it ran."""
-    probe = getattr(model, "chord_lm_head_probe", None)
-    return None if probe is None else probe.path
+    head = getattr(model, "chord_expert_head", None)
+    return None if head is None or head.choice is None else head.choice.path
 
 
 def use_full_logits_expert_head(model: PreTrainedModel) -> None:
     """Make a ChordTrainer's model compute its expert term from the model's full logits (fp32 `log_softmax` of the
-    `(tokens, vocab)` logits, as ms-swift does): the naive baseline of the benchmark."""
-    from trl_chord.expert_head import LMHeadProbe
-
-    model.chord_lm_head_probe = LMHeadProbe("full_logits", "the naive full-logits baseline, chosen by the benchmark")
+    `(tokens, vocab)` logits, as ms-swift does): the naive baseline of the benchmark (`chord_expert_head="full_logits"`
+    set after the trainer is built, before its first expert step)."""
+    model.chord_expert_head.requested = "full_logits"
 
 
 def expert_term_backward(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> ExpertLossOutput:

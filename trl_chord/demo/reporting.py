@@ -30,7 +30,8 @@ PLOTTED_METRICS = [
 def plot_metrics(jsonl_path: str, png_path: str, heldout_history: list[dict] | None = None) -> str:
     """
     Plots mu, reward, expert NLL and held-out accuracy over steps from a JSON lines log into a PNG; the held-out curve
-    comes from `heldout_history` (a [`HeldOutEvaluationCallback`]'s, which has step 0) when given.
+    comes from `heldout_history` (a [`HeldOutEvaluationCallback`]'s, which has step 0) when given. A run without
+    held-out evaluations (only the built-in task has a held-out set) gets no held-out panel.
     """
     import matplotlib
 
@@ -39,13 +40,19 @@ def plot_metrics(jsonl_path: str, png_path: str, heldout_history: list[dict] | N
 
     with open(jsonl_path) as file:
         entries = [json.loads(line) for line in file if line.strip()]
-    figure, axes = plt.subplots(1, len(PLOTTED_METRICS), figsize=(4 * len(PLOTTED_METRICS), 3.2))
-    for axis, (key, title) in zip(axes, PLOTTED_METRICS):
+    panels = []
+    for key, title in PLOTTED_METRICS:
         points = [
             (e["step"], e[key]) for e in entries if isinstance(e.get(key), (int, float)) and math.isfinite(e[key])
         ]
-        if key == "heldout/accuracy" and heldout_history:
-            points = [(evaluation["step"], evaluation["accuracy"]) for evaluation in heldout_history]
+        if key == "heldout/accuracy":
+            if heldout_history:
+                points = [(evaluation["step"], evaluation["accuracy"]) for evaluation in heldout_history]
+            if not points:
+                continue
+        panels.append((title, points))
+    figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for axis, (title, points) in zip(axes[0], panels):
         if points:
             steps, values = zip(*points)
             axis.plot(steps, values, marker="." if len(points) < 30 else None)

@@ -1,12 +1,21 @@
 """
-The CHORD recipe (`chord.py`, run by `trl-chord` and `recipes/chord.py`), its dataset helpers, and the configs it
-ships: training configs in `configs/` and accelerate configs in `accelerate/`, found by name from an installed package.
+The CHORD recipe (`chord.py`, run by `trl-chord` and `recipes/chord.py`), its dataset helpers, the data preparation of
+the paper configs (`prepare/`, run by `trl-chord prepare`), and the configs it ships: training configs in `configs/`
+and accelerate configs in `accelerate/`, found by name from an installed package.
 """
 
 import os
 
 
 RECIPES_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+class CommandLineError(ValueError):
+    """A mistake on the `trl-chord` command line, which the command reports in one line, without a traceback."""
+
+
+class ConfigNotFoundError(CommandLineError, FileNotFoundError):
+    """A `--config` or `trl-chord configs NAME` that is neither a file nor a shipped config."""
 
 
 def shipped_configs() -> dict[str, str]:
@@ -26,7 +35,7 @@ def config_path(name_or_path: str) -> str:
     configs = shipped_configs()
     name = name_or_path.removesuffix(".yaml")
     if name not in configs:
-        raise FileNotFoundError(
+        raise ConfigNotFoundError(
             f"{name_or_path!r} is neither a file nor a shipped config; shipped configs: {', '.join(configs)}."
         )
     return configs[name]

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields, make_dataclass
 
 import yaml
 from transformers import AutoProcessor
+from transformers.utils import is_torch_bf16_gpu_available
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from .. import ChordConfig, ChordRLOOConfig, ChordRLOOTrainer, ChordTrainer
@@ -29,7 +30,7 @@ from ..demo.heldout import HeldOutEvaluationCallback
 from ..demo.reporting import JsonLinesLoggerCallback, plot_metrics
 from ..demo.tiny import save_tiny_model
 from ..rewards import math_accuracy_reward, tool_call_reward
-from . import config_path
+from . import CommandLineError, config_path
 from .data_files import load_dataset_file_or_hub
 
 
@@ -292,9 +293,32 @@ def main(script_args: ChordScriptArguments, training_args: ChordOptions, model_a
     trainer.accelerator.wait_for_everyone()
 
 
+USAGE = """trl-chord [--config NAME_OR_FILE] [--OPTION VALUE ...]    train (the options are below)
+       trl-chord configs [NAME]                                 list the shipped configs, or print one's path
+       trl-chord prepare [NAME [--help | OPTIONS]]              make the data of a paper config"""
+
+DESCRIPTION = """\
+Train with CHORD: (1 - mu) * GRPO + mu * SFT on expert demonstrations (--trainer rloo or async_grpo: RLOO or TRL's
+asynchronous GRPO in GRPO's place, with its config's options). Every option below is a flag, and any of them
+can come from --config: a YAML file, or the name of a shipped config (`trl-chord configs` lists them: demo,
+math_chord_phi, ...); flags on the command line win over the file. `trl-chord --config demo` runs the built-in demo.
+Without a GPU, add --use_cpu true --bf16 false (the demo config sets them)."""
+
+
 def make_parser(trainer: str = "grpo") -> TrlParser:
     model_options = ModelConfigWithoutDtype if trainer == "async_grpo" else ModelConfig
-    return TrlParser((ChordScriptArguments, trainer_classes(trainer)[0], model_options))
+    return TrlParser(
+        (ChordScriptArguments, trainer_classes(trainer)[0], model_options), usage=USAGE, description=DESCRIPTION
+    )
+
+
+def resolve_config_argument(args: list[str]) -> list[str]:
+    """`args` with `--config NAME` or `--config=NAME` as `--config PATH`, the form TrlParser reads."""
+    args = [part for arg in args for part in (arg.split("=", 1) if arg.startswith("--config=") else [arg])]
+    if "--config" in args and args.index("--config") + 1 < len(args):
+        index = args.index("--config") + 1
+        args[index] = config_path(args[index])
+    return args
 
 
 def requested_trainer(args: list[str]) -> str:
@@ -313,8 +337,15 @@ def requested_trainer(args: list[str]) -> str:
 
 def parse_args(args: list[str]) -> tuple[ChordScriptArguments, ChordOptions, ModelConfig]:
     """The recipe's options from `args`; `--config` takes a YAML file or the name of a shipped config (`demo`)."""
-    args = list(args)
-    if "--config" in args and args.index("--config") + 1 < len(args):
-        index = args.index("--config") + 1
-        args[index] = config_path(args[index])
-    return make_parser(requested_trainer(args)).parse_args_and_config(args)
+    args = resolve_config_argument(args)
+    try:
+        return make_parser(requested_trainer(args)).parse_args_and_config(args)
+    except ValueError as error:
+        # transformers refuses bf16 (TRL's default, and the paper configs') without a GPU, and names only use_cpu
+        if "bf16" not in str(error) or is_torch_bf16_gpu_available():
+            raise
+        raise CommandLineError(
+            "this machine has no GPU with bf16, which this run asks for (bf16 is TRL's default). To run on the CPU "
+            "(slow: for trying a config on a small model), add --use_cpu true --bf16 false, and --use_vllm false if "
+            "the config uses vLLM (it needs a GPU)."
+        ) from error

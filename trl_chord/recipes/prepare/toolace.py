@@ -4,7 +4,7 @@ The paper trains Llama-3.2-3B-Instruct on 500 expert conversations and 5k RL pro
 was never released; this script draws one reproducibly, with the paper's sizes:
 
 ```bash
-python recipes/data/prepare_toolace.py --dataset Team-ACE/ToolACE --split train \
+trl-chord prepare toolace --dataset Team-ACE/ToolACE --split train \
     --output_dir data/toolace --num_sft 500 --num_rl 5000 --seed 42
 ```
 
@@ -78,15 +78,17 @@ class CallParseError(SkipRow):
     """An assistant turn that looks like function calls but cannot be read as such."""
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="trl-chord prepare toolace", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--dataset", default="Team-ACE/ToolACE", help="Hub id, or a local .json/.jsonl/.parquet file.")
     parser.add_argument("--split", default="train", help="Split to read (default: train).")
     parser.add_argument("--output_dir", required=True, help="Folder for the output files (created if missing).")
     parser.add_argument("--num_sft", type=int, default=500, help="Expert conversations to keep (paper: 500).")
     parser.add_argument("--num_rl", type=int, default=5000, help="RL prompts to keep (paper: 5000).")
     parser.add_argument("--seed", type=int, default=42, help="Seed of the shuffle that decides the split.")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.num_sft < 0 or args.num_rl < 0:
         parser.error("--num_sft and --num_rl must not be negative.")
     return args
@@ -273,8 +275,8 @@ def report(expert: list, rl: list, counts: dict, args: argparse.Namespace) -> di
     }
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     rows = load_dataset_file_or_hub(args.dataset, split=args.split).shuffle(seed=args.seed)
     expert, rl, counts = split_rows(rows, args)
     os.makedirs(args.output_dir, exist_ok=True)
@@ -284,7 +286,3 @@ def main() -> None:
     with open(os.path.join(args.output_dir, "summary.json"), "w", encoding="utf-8") as file:
         json.dump(summary, file, indent=2)
     print(f"Wrote {args.output_dir}/expert_conversations.jsonl, rl_prompts.jsonl and summary.json.")
-
-
-if __name__ == "__main__":
-    main()

@@ -6,7 +6,7 @@ problems of another split. Geometry3K itself has answers, not worked solutions, 
 second dataset in Trinity-RFT's SFT layout: `problem`, `response` (the worked solution) and `images`.
 
 ```bash
-python recipes/data/prepare_geometry3k.py --dataset hiyouga/geometry3k --rl_split train \
+trl-chord prepare geometry3k --dataset hiyouga/geometry3k --rl_split train \
     --expert_dataset my-org/geometry3k-validation-solutions --expert_split train \
     --output_dir data/geometry3k --num_rl 2000 --num_sft 300
 ```
@@ -46,8 +46,10 @@ DUPLICATE_PROBLEM = "duplicate problem"
 ALSO_AN_RL_PROMPT = "also an RL prompt"
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="trl-chord prepare geometry3k", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
         "--dataset", default="hiyouga/geometry3k", help="RL problems: hub id, or a local .json/.jsonl/.parquet file."
     )
@@ -61,7 +63,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output_dir", required=True, help="Folder for the output files (created if missing).")
     parser.add_argument("--num_rl", type=int, default=None, help="RL prompts to keep (default: all).")
     parser.add_argument("--num_sft", type=int, default=None, help="Expert examples to keep (default: all).")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def problem_text(problem: str) -> str:
@@ -102,8 +104,8 @@ def rl_reason(row: dict) -> str:
     return "" if str(row.get("answer") or "").strip() else NO_ANSWER
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     # The images are copied as stored, never decoded and encoded again (which would re-compress a JPEG)
     problems = without_image_decoding(load_dataset_file_or_hub(args.dataset, split=args.rl_split))
     solutions = without_image_decoding(load_dataset_file_or_hub(args.expert_dataset, split=args.expert_split))
@@ -149,7 +151,3 @@ def main() -> None:
     with open(os.path.join(args.output_dir, "summary.json"), "w", encoding="utf-8") as file:
         json.dump(summary, file, indent=2)
     print(f"Wrote {args.output_dir}/expert_solutions.parquet, rl_prompts.parquet and summary.json.")
-
-
-if __name__ == "__main__":
-    main()

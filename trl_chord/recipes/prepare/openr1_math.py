@@ -5,7 +5,7 @@ RL prompts, with no problem in both. Its exact split was never released; this sc
 paper's sizes, with expert solutions capped at its 16k-token response limit in the policy's tokens:
 
 ```bash
-python recipes/data/prepare_openr1_math.py --dataset open-r1/OpenR1-Math-220k --split train \
+trl-chord prepare openr1_math --dataset open-r1/OpenR1-Math-220k --split train \
     --output_dir data/openr1-math --num_sft 5000 --num_rl 20000 --seed 42 \
     --tokenizer Qwen/Qwen2.5-7B-Instruct --max_expert_tokens 16384
 ```
@@ -50,8 +50,10 @@ NO_CHECKABLE_ANSWER = "no checkable answer"
 DUPLICATE_PROBLEM = "duplicate problem"
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="trl-chord prepare openr1_math", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
         "--dataset", default="open-r1/OpenR1-Math-220k", help="Hub id, or a local .json/.jsonl/.parquet file."
     )
@@ -74,7 +76,7 @@ def parse_args() -> argparse.Namespace:
         help="Also re-check each expert solution's last \\boxed{} answer against `answer` with math-verify.",
     )
     parser.add_argument("--seed", type=int, default=42, help="Seed of the shuffle that decides the split.")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if (args.tokenizer is None) != (args.max_expert_tokens is None):
         parser.error("--tokenizer and --max_expert_tokens go together: the limit is counted in that tokenizer.")
     if args.num_sft < 0 or args.num_rl < 0:
@@ -193,8 +195,8 @@ def report(expert: list, rl: list, counts: dict, args: argparse.Namespace) -> di
     }
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     picker = ExpertPicker(args.tokenizer, args.max_expert_tokens, args.reverify)
     rows = load_dataset_file_or_hub(args.dataset, split=args.split)
     # Reading fewer columns row by row is faster: OpenR1 also holds each problem's generations a second time
@@ -207,7 +209,3 @@ def main() -> None:
     with open(os.path.join(args.output_dir, "summary.json"), "w", encoding="utf-8") as file:
         json.dump(summary, file, indent=2)
     print(f"Wrote {args.output_dir}/expert_solutions.jsonl, rl_prompts.jsonl and summary.json.")
-
-
-if __name__ == "__main__":
-    main()
