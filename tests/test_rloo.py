@@ -226,3 +226,15 @@ def test_adaptive_mu_follows_the_on_policy_reward(tiny_model_dir, tmp_path):
     for entry in logs:
         assert entry["chord/mu"] == pytest.approx(min(1.0, max(0.0, 0.75 - entry["reward"])))
         assert ("chord/sft_loss" in entry) == (entry["chord/mu"] > 0)
+
+
+def test_too_few_rl_prompts_for_a_step_fail_before_training(tiny_model_dir, tmp_path):
+    # 16 prompts; a step of 8 completions x 5 accumulation steps, 2 per prompt, needs 20. The oracle: TRL's own
+    # dataloader (RLOOTrainer draws generation batches as GRPOTrainer does), which has no batch then
+    args = chord_rloo_config(
+        tmp_path, per_device_train_batch_size=8, num_generations=2, gradient_accumulation_steps=5, max_steps=1
+    )
+    trainer = make_trainer(tiny_model_dir, args, expert_dataset=make_expert_dataset())
+    assert len(trainer.get_train_dataloader()) == 0
+    with pytest.raises(ValueError, match="The RL dataset has 16 prompts, but an optimizer step needs 20"):
+        trainer.train()
