@@ -304,3 +304,16 @@ def test_every_chord_config_has_the_same_chord_options():
             config(output_dir="unused", chord_mu_peak=1.5, **{**COMMON_ARGS, "use_cpu": True})
         parsed = config(output_dir="unused", chord_sft_dataset_proportions='{"a": 2}', use_cpu=True, bf16=False)
         assert parsed.chord_sft_dataset_proportions == {"a": 2} and parsed.chord_token_weighting == "phi"
+
+
+def test_an_expert_row_longer_than_the_token_budget_warns(tiny_model_dir, tmp_path, caplog):
+    import logging
+
+    options = dict(chord_sft_per_device_train_batch_size=2, chord_sft_max_length=64)
+    with caplog.at_level(logging.WARNING):
+        run(tiny_model_dir, tmp_path, "chord", options, make_expert_dataset(), token_budget=100)
+    assert "An expert micro-batch row can hold up to 128 tokens" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        run(tiny_model_dir, tmp_path, "chord", options, make_expert_dataset(), token_budget=128)
+    assert "An expert micro-batch row" not in caplog.text
