@@ -1,5 +1,7 @@
 """Data and reward functions shared by the tests and the multi-process scripts they launch."""
 
+import functools
+
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -151,3 +153,13 @@ def expert_nll_gradient(
     terms = [nll * weights for nll, weights in zip(nlls, all_weights)]
     aggregate(terms, aggregation, norm_length).backward()
     return {name: param.grad.clone() for name, param in model.named_parameters()}
+
+
+@functools.cache
+def async_grpo_unavailable() -> str | None:
+    """Why ChordAsyncGRPOTrainer cannot be imported here (TRL's AsyncGRPOTrainer needs transformers 5), or `None`."""
+    try:
+        import trl_chord.chord_async_grpo  # noqa: F401
+    except ImportError as error:
+        return str(error)
+    return None

@@ -7,8 +7,18 @@ no generation.
 from dataclasses import dataclass
 
 import torch
+import transformers
 from transformers.utils import logging
-from trl.experimental.async_grpo import AsyncGRPOConfig, AsyncGRPOTrainer
+
+
+try:
+    from trl.experimental.async_grpo import AsyncGRPOConfig, AsyncGRPOTrainer
+except ImportError as error:  # TRL 1.16's packing imports what transformers 4 lacks
+    raise ImportError(
+        f"ChordAsyncGRPOTrainer extends TRL's AsyncGRPOTrainer, which does not import with transformers "
+        f"{transformers.__version__} ({error}). It needs transformers 5 (tested with 5.17 and 5.24); ChordTrainer and "
+        "ChordRLOOTrainer work with transformers 4.56 and later."
+    ) from error
 
 from .chord_config import ChordOptions, documented
 from .chord_mixin import ChordMixin
