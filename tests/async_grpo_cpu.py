@@ -130,17 +130,25 @@ class HFRolloutWorker:
         raise RuntimeError("HFRolloutWorker: the trainer wants more rollouts than were generated for its steps.")
 
     @torch.no_grad()
-    def _sample(self, prompt_ids: list[int]) -> tuple[list[int], list[float]]:
-        ids, log_probs = list(prompt_ids), []
+    def _sample_group(self, prompt_ids: list[int]) -> list[tuple[list[int], list[float]]]:
+        """A group's completions of one prompt, sampled side by side (one forward per token for the whole group),
+        each cut after its first end-of-turn token, with the log-probability of each sampled token."""
+        ids = torch.tensor([prompt_ids] * self.num_generations)
+        log_probs = []
         for _ in range(self.max_completion_length):
-            logits = self.model(torch.tensor([ids])).logits[0, -1].float() / self.temperature
-            step_log_probs = logits.log_softmax(-1)
-            token = int(torch.multinomial(step_log_probs.exp(), 1, generator=self.generator))
-            ids.append(token)
-            log_probs.append(float(step_log_probs[token]))
-            if token == self.tokenizer.eos_token_id:
-                break
-        return ids[len(prompt_ids) :], log_probs
+            step_log_probs = (self.model(ids).logits[:, -1].float() / self.temperature).log_softmax(-1)
+            tokens = torch.multinomial(step_log_probs.exp(), 1, generator=self.generator)
+            log_probs.append(step_log_probs.gather(-1, tokens).squeeze(-1))
+            ids = torch.cat([ids, tokens], dim=1)
+        completions = []
+        for row, completion in enumerate(ids[:, len(prompt_ids) :].tolist()):
+            length = (
+                completion.index(self.tokenizer.eos_token_id) + 1
+                if self.tokenizer.eos_token_id in completion
+                else len(completion)
+            )
+            completions.append((completion[:length], [float(step[row]) for step in log_probs[:length]]))
+        return completions
 
     def _generate_step(self) -> None:
         self.versions_generated.append(self.model_version)
@@ -151,7 +159,7 @@ class HFRolloutWorker:
             prompt_ids = self.tokenizer.apply_chat_template(
                 prompt, add_generation_prompt=True, tokenize=True, return_dict=True
             )["input_ids"]
-            samples = [self._sample(prompt_ids) for _ in range(self.num_generations)]
+            samples = self._sample_group(prompt_ids)
             completions = [
                 [{"role": "assistant", "content": self.tokenizer.decode(ids, skip_special_tokens=True)}]
                 for ids, _ in samples
