@@ -327,3 +327,22 @@ def test_an_expert_row_longer_than_the_token_budget_warns(tiny_model_dir, tmp_pa
     with caplog.at_level(logging.WARNING):
         run(tiny_model_dir, tmp_path, "chord", options, make_expert_dataset(), token_budget=128)
     assert "An expert micro-batch row" not in caplog.text
+
+
+def test_the_expert_micro_batch_is_packed_into_one_row_of_independent_sequences():
+    # Two right-padded examples, the second with no prompt (its first token is a completion token): the packed row
+    # holds their tokens end to end, each sequence's positions from 0, one attention segment per sequence, and no
+    # label at a sequence's first token (what precedes it in the row belongs to another sequence)
+    batch = {
+        "input_ids": torch.tensor([[11, 12, 13, 14], [21, 22, 0, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]),
+        "completion_mask": torch.tensor([[0, 0, 1, 1], [1, 1, 0, 0]]),
+    }
+    packed = ChordAsyncGRPOTrainer._expert_model_inputs(None, batch)
+    assert packed["input_ids"].tolist() == [[11, 12, 13, 14, 21, 22]]
+    assert packed["labels"].tolist() == [[-100, -100, 13, 14, -100, 22]]
+    assert packed["chord_sequence_ids"].tolist() == [[0, 0, 0, 0, 1, 1]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1]]
+    assert packed["tree_kv_index"].tolist() == [0, 1, 2, 3, 4, 5]
+    assert packed["tree_cu_seqlens_q"].tolist() == packed["tree_cu_seqlens_k"].tolist() == [0, 4, 6]
+    assert packed["tree_max_seqlen_q"] == packed["tree_max_seqlen_k"] == 4
