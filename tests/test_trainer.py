@@ -727,6 +727,25 @@ def _strength_run(model_dir, tmp_path, name, weighting, max_steps, learning_rate
     return trainer
 
 
+def test_term_gradient_norms_are_measured_on_the_logged_steps_only(tiny_model_dir, tmp_path, monkeypatch):
+    # The hooks cost a pass over the gradients per backward: only the micro-steps of logged optimizer steps pay it
+    from trl_chord.chord_trainer import TermGradientNorms
+
+    measured_steps = []
+    measuring = TermGradientNorms.measuring
+
+    def counted(self):
+        measured_steps.append(trainer.state.global_step + 1)
+        return measuring(self)
+
+    monkeypatch.setattr(TermGradientNorms, "measuring", counted)
+    args = chord_config(tmp_path, chord_mu_valley=0.5, logging_steps=2, max_steps=4, gradient_accumulation_steps=2)
+    trainer = make_trainer(tiny_model_dir, args, make_expert_dataset())
+    trainer.train()
+    assert measured_steps == [2, 2, 4, 4]  # two micro-steps each
+    assert len(logged(trainer, "chord/expert_grad_norm")) == len(logged(trainer, "chord/mu")) == 2
+
+
 WEAK_EXPERT_TERM_WARNING = "the CHORD expert term has acted at under a tenth of its mu"
 
 

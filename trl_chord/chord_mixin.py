@@ -20,6 +20,7 @@ import torch
 from accelerate.utils import DistributedType, is_peft_model
 from datasets import DatasetDict, IterableDatasetDict, concatenate_datasets
 from transformers import ProcessorMixin
+from transformers.trainer_utils import IntervalStrategy
 from transformers.training_args import OptimizerNames
 from transformers.utils import logging
 
@@ -475,10 +476,18 @@ class ChordMixin:
                 self._log_expert_sources(totals[-2 * num_sources :])
         return loss
 
+    def _step_is_logged(self) -> bool:
+        """Whether the optimizer step in progress will be logged (as transformers' `DefaultFlowCallback` decides)."""
+        step = self.state.global_step + 1
+        if step == 1 and self.args.logging_first_step:
+            return True
+        return self.args.logging_strategy == IntervalStrategy.STEPS and step % self.state.logging_steps == 0
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         # One joint backward (DeepSpeed, FSDP, LOMO): the terms' gradients arrive summed, and cannot be told apart.
-        # With mu = 0 there is one term: nothing to compare, and the step stays exactly the trainer's own
-        measured = self.backward_expert_term_first and self.chord_mu != 0
+        # With mu = 0 there is one term: nothing to compare, and the step stays exactly the trainer's own. The hooks
+        # cost a pass over the gradients per backward, so they run on the steps that are logged only
+        measured = self.backward_expert_term_first and self.chord_mu != 0 and self._step_is_logged()
         with self.term_gradient_norms.measuring() if measured else nullcontext():
             loss = super().training_step(model, inputs, num_items_in_batch)
         if measured:
@@ -491,7 +500,7 @@ class ChordMixin:
         `chord/expert_grad_norm` and `chord/grpo_grad_norm` (`chord/rloo_grad_norm` for RLOO): the norms of
         `mu * grad(L_SFT)` and `(1 - mu) * grad(L_on_policy)` of this micro-step on each process (before the all-reduce
         and clipping), on the scale of the trainer's `grad_norm` (times the accumulation steps, over any loss scale),
-        averaged over processes.
+        averaged over processes. Only the micro-steps of logged optimizer steps are measured.
         """
         squared = self.term_gradient_norms.squared
         # alike on every process: mu decides it

@@ -1,7 +1,15 @@
 from trl import GRPOTrainer
 
 from .chord_config import ChordConfig
-from .chord_mixin import ChordMixin
+
+# ChordMixin, and the names written here before it took them (issue 22): still importable from here
+from .chord_mixin import (  # noqa: F401
+    EXPERT_METRIC_SUMS,
+    ChordMixin,
+    TermGradientNorms,
+    check_prompts_fill_a_step,
+    expert_backward_runs_first,
+)
 
 
 class ChordTrainer(ChordMixin, GRPOTrainer):
