@@ -1,10 +1,13 @@
 """Data and reward functions shared by the tests and the multi-process scripts they launch."""
 
+import functools
+
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import RLOOConfig
 
-from trl_chord import ChordConfig, ChordTrainer
+from trl_chord import ChordConfig, ChordRLOOConfig, ChordRLOOTrainer, ChordTrainer
 
 
 def make_rl_prompts(num_prompts: int = 16) -> Dataset:
@@ -53,8 +56,18 @@ def chord_config(tmp_path, **overrides) -> ChordConfig:
     return ChordConfig(output_dir=str(tmp_path / "out"), **{**COMMON_ARGS, **overrides})
 
 
+# RLOOConfig's `beta` defaults to 0.05 (a reference model), GRPOConfig's to 0: the RLOO tests run without one
+RLOO_ARGS = {**COMMON_ARGS, "beta": 0.0}
+
+
+def chord_rloo_config(tmp_path, **overrides) -> ChordRLOOConfig:
+    return ChordRLOOConfig(output_dir=str(tmp_path / "out"), **{**RLOO_ARGS, **overrides})
+
+
 def make_trainer(model_dir, args, expert_dataset=None, reward_funcs=None, **kwargs) -> ChordTrainer:
-    return ChordTrainer(
+    """The CHORD trainer of `args`: a `ChordRLOOTrainer` for an RLOO config, else a `ChordTrainer`."""
+    trainer_class = ChordRLOOTrainer if isinstance(args, RLOOConfig) else ChordTrainer
+    return trainer_class(
         model=model_dir,
         reward_funcs=reward_funcs or odd_char_reward,
         args=args,
@@ -140,3 +153,13 @@ def expert_nll_gradient(
     terms = [nll * weights for nll, weights in zip(nlls, all_weights)]
     aggregate(terms, aggregation, norm_length).backward()
     return {name: param.grad.clone() for name, param in model.named_parameters()}
+
+
+@functools.cache
+def async_grpo_unavailable() -> str | None:
+    """Why ChordAsyncGRPOTrainer cannot be imported here (TRL's AsyncGRPOTrainer needs transformers 5), or `None`."""
+    try:
+        import trl_chord.chord_async_grpo  # noqa: F401
+    except ImportError as error:
+        return str(error)
+    return None

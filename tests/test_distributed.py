@@ -1,4 +1,5 @@
-"""Two CPU processes over gloo: DDP (torchrun and `accelerate launch --multi_gpu`) and DeepSpeed ZeRO-2/3.
+"""Two CPU processes over gloo: DDP (torchrun and `accelerate launch --multi_gpu`) and DeepSpeed ZeRO-2/3, with
+ChordTrainer and, where marked, ChordRLOOTrainer (`--trainer rloo`) and ChordAsyncGRPOTrainer (`--trainer async_grpo`).
 
 Every launch has a timeout, so a hang (a process left waiting in a collective) fails the test instead of blocking CI.
 """
@@ -10,6 +11,7 @@ import sys
 import pytest
 import torch
 from bounded_run import run_bounded
+from helpers import async_grpo_unavailable
 from transformers import AutoModelForCausalLM
 
 
@@ -45,9 +47,11 @@ def assert_shards_disjoint_within_each_pass(ranks, num_examples):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
-def test_ddp_ranks_see_disjoint_experts_and_end_with_identical_weights(tiny_model_dir, tmp_path, launcher):
-    ranks = launch(launcher, tiny_model_dir, tmp_path, "--num-expert-examples", "13", "--max-steps", "3")
+@pytest.mark.parametrize("launcher, trainer", [("torchrun", "grpo"), ("accelerate", "grpo"), ("torchrun", "rloo")])
+def test_ddp_ranks_see_disjoint_experts_and_end_with_identical_weights(tiny_model_dir, tmp_path, launcher, trainer):
+    ranks = launch(
+        launcher, tiny_model_dir, tmp_path, "--num-expert-examples", "13", "--max-steps", "3", "--trainer", trainer
+    )
     assert_shards_disjoint_within_each_pass(ranks, 13)
     assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"] is not None
     # Each rank drew one expert micro-batch per micro-step: 3 steps x 2 accumulation steps
@@ -123,6 +127,74 @@ def test_ddp_and_deepspeed_updates_match_one_joint_backward(tiny_model_dir, tmp_
             torch.testing.assert_close(
                 run[key] - initial[key], oracle[key] - initial[key], rtol=1e-4, atol=1e-6, msg=f"{name} {key}"
             )
+
+
+@pytest.mark.slow
+def test_rloo_on_two_processes_mixes_rloos_update_and_the_expert_terms(tiny_model_dir, tmp_path):
+    # One plain SGD step of 2 accumulated micro-steps on each of 2 processes. The oracle: TRL's own RLOOTrainer (DDP)
+    # for the RLOO part, and the mu = 1 run (no RLOO term: the expert term alone, checked against an independent
+    # gradient on 2 processes by the aggregation test above) for the SFT part. mu = 0 must be RLOOTrainer bit for bit;
+    # mu = 0.5 must be (1 - mu) * RLOO + mu * SFT under DDP (expert backward first) and under ZeRO-3 (one backward).
+    runs = {
+        "rloo": ["--plain"],
+        "mu0": ["--mu-peak", "0"],
+        "mu1": ["--mu-peak", "1"],
+        "ddp": ["--mu-peak", "0.5"],
+        "zero3": ["--mu-peak", "0.5", "--zero-stage", "3"],
+    }
+    weights, ranks = {}, {}
+    for name, extra in runs.items():
+        output = tmp_path / name
+        output.mkdir()
+        script_args = ["--trainer", "rloo", "--sgd", "--max-steps", "1", *extra]
+        ranks[name] = launch("torchrun", tiny_model_dir, output, *script_args)
+        weights[name] = torch.load(output / "weights.pt")
+    assert ranks["rloo"][0]["weights_sha256"] == ranks["mu0"][0]["weights_sha256"] is not None
+    assert ranks["rloo"][0]["losses"] == ranks["mu0"][0]["losses"]
+    assert ranks["mu1"][0]["on_policy_skipped"] == [1.0]
+    assert [rank["backward_expert_term_first"] for rank in ranks["ddp"] + ranks["zero3"]] == [True] * 2 + [False] * 2
+    # The same expert micro-batches in the mu = 1 run and the mixed ones
+    assert ranks["mu1"][0]["drawn"] == ranks["ddp"][0]["drawn"] == ranks["zero3"][0]["drawn"]
+
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    rloo_update = {key: weights["rloo"][key] - initial[key] for key in weights["rloo"]}
+    sft_update = {key: weights["mu1"][key] - initial[key] for key in weights["mu1"]}
+    assert max(update.abs().max().item() for update in rloo_update.values()) > 1e-3
+    assert max(update.abs().max().item() for update in sft_update.values()) > 1e-3
+    for name in ("ddp", "zero3"):
+        for key, update in rloo_update.items():
+            torch.testing.assert_close(
+                weights[name][key] - initial[key],
+                0.5 * update + 0.5 * sft_update[key],
+                rtol=1e-4,
+                atol=1e-6,
+                msg=f"{name} {key}",
+            )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(async_grpo_unavailable() is not None, reason="TRL's AsyncGRPOTrainer needs transformers 5")
+def test_async_grpo_on_two_processes(tiny_model_dir, tmp_path):
+    # ChordAsyncGRPOTrainer under DDP, rollouts from the in-process worker of tests/async_grpo_cpu.py on the main
+    # process. mu = 0 is AsyncGRPOTrainer bit for bit. With mu crossing from 1 to 0 (1, 0.5, 0), both processes run
+    # the expert forward at the same micro-steps (a process waiting in a collective would hang the run: the launch
+    # has a timeout), skip the same GRPO forward, draw disjoint expert examples, and end with the same weights.
+    runs = {"plain": ["--plain"], "mu0": ["--mu-peak", "0"], "crossing": ["--mu-peak", "1", "--mu-decay-steps", "2"]}
+    ranks = {}
+    for name, extra in runs.items():
+        output = tmp_path / name
+        output.mkdir()
+        ranks[name] = launch("torchrun", tiny_model_dir, output, "--trainer", "async_grpo", "--max-steps", "3", *extra)
+    assert ranks["plain"][0]["weights_sha256"] == ranks["mu0"][0]["weights_sha256"] is not None
+    assert ranks["plain"][0]["losses"] == ranks["mu0"][0]["losses"]
+    crossing = ranks["crossing"]
+    for rank in crossing:
+        assert rank["mu"] == [1.0, 0.5, 0.0]
+        assert rank["on_policy_skipped"] == [1.0, 0.0, 0.0]
+        assert len(rank["drawn"]) == 4  # 2 steps with mu > 0 x 2 micro-steps
+    assert crossing[0]["sft_loss"] == crossing[1]["sft_loss"] and crossing[0]["sft_loss"][2] is None
+    assert crossing[0]["weights_sha256"] == crossing[1]["weights_sha256"] is not None
+    assert_shards_disjoint_within_each_pass(crossing, 13)
 
 
 @pytest.fixture(scope="module")
@@ -219,20 +291,21 @@ def test_zero3_chord_micro_step_holds_no_head_gradient_through_the_grpo_pass(tmp
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "aggregation, normalization",
+    "aggregation, normalization, trainer",
     [
-        ("token-mean", "none"),
-        ("seq-mean-token-mean", "none"),
-        ("seq-mean-token-sum", "none"),
-        ("seq-mean-token-sum-norm", "none"),
-        ("token-mean", "mean"),
-        ("seq-mean-token-mean", "mean"),
+        ("token-mean", "none", "grpo"),
+        ("seq-mean-token-mean", "none", "grpo"),
+        ("seq-mean-token-sum", "none", "grpo"),
+        ("seq-mean-token-sum-norm", "none", "grpo"),
+        ("token-mean", "mean", "grpo"),
+        ("seq-mean-token-mean", "mean", "grpo"),
+        ("seq-mean-token-mean", "none", "rloo"),
     ],
 )
 def test_each_sft_loss_aggregation_on_two_processes_averages_the_micro_batch_aggregates(
-    tiny_model_dir, tmp_path, aggregation, normalization
+    tiny_model_dir, tmp_path, aggregation, normalization, trainer
 ):
-    # mu = 1 (no GRPO term), plain SGD, 2 processes x 2 accumulation steps x 2 expert examples of very different
+    # mu = 1 (no GRPO or RLOO term), plain SGD, 2 processes x 2 accumulation steps x 2 expert examples of different
     # lengths: each process aggregates its own micro-batch (its phi weights rescaled to mean 1 over it, with
     # normalization="mean"), and the update is -lr times the mean over the 4 micro-batches of their aggregates'
     # gradients (DDP averages over processes, accumulation over micro-steps)
@@ -262,8 +335,10 @@ def test_each_sft_loss_aggregation_on_two_processes_averages_the_micro_batch_agg
         normalization,
         "--expert-lengths",
         *map(str, lengths),
+        "--trainer",
+        trainer,
     )
-    assert all(rank["grpo_skipped"] == [1.0] and rank["generations"] == [] for rank in ranks)
+    assert all(rank["on_policy_skipped"] == [1.0] and rank["generations"] == [] for rank in ranks)
     expert = make_expert_dataset_of_lengths(lengths)
     micro_batches = ranks[0]["drawn"] + ranks[1]["drawn"]
     assert len(micro_batches) == 4 and sorted(sum(micro_batches, [])) == list(range(8))
@@ -306,10 +381,12 @@ def test_each_sft_loss_aggregation_on_two_processes_averages_the_micro_batch_agg
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("trainer", ["grpo", "rloo"])
 @pytest.mark.parametrize("zero_stage", [None, 3], ids=["ddp", "zero3"])
-def test_mu_one_steps_skip_generation_on_every_process_alike(tiny_model_dir, tmp_path, zero_stage):
-    # mu = 1 at step 1, then decaying: both processes skip the same step's rollouts and GRPO forward, and none waits
-    extra = [] if zero_stage is None else ["--zero-stage", str(zero_stage)]
+def test_mu_one_steps_skip_generation_on_every_process_alike(tiny_model_dir, tmp_path, zero_stage, trainer):
+    # mu = 1 at step 1, then decaying: both processes skip the same step's rollouts and on-policy (GRPO or RLOO)
+    # forward, and none waits
+    extra = ["--trainer", trainer] + ([] if zero_stage is None else ["--zero-stage", str(zero_stage)])
     ranks = launch(
         "torchrun",
         tiny_model_dir,
@@ -326,7 +403,7 @@ def test_mu_one_steps_skip_generation_on_every_process_alike(tiny_model_dir, tmp
     )
     for rank in ranks:
         assert rank["mu"] == pytest.approx([1.0, 0.6, 0.2])
-        assert rank["grpo_skipped"] == [1.0, 0.0, 0.0]
+        assert rank["on_policy_skipped"] == [1.0, 0.0, 0.0]
         assert rank["generations"] == [2, 4]  # one generation per later step (2 micro-steps each)
         assert len(rank["drawn"]) == 6  # the expert term runs on every micro-step
     if zero_stage is None:  # (ZeRO-3 gathers the full weights on rank 0 only)

@@ -7,6 +7,7 @@ import sys
 import pytest
 import yaml
 from bounded_run import run_bounded
+from helpers import async_grpo_unavailable
 
 from trl_chord import ChordConfig
 from trl_chord.cli import main as cli_main
@@ -343,6 +344,81 @@ def test_an_unnamed_expert_folder_with_an_equals_sign_loads_as_one_source(tmp_pa
     assert {name: len(data) for name, data in named.items()} == {"sums": 3, "more": 1}
     assert split_source_name("org/data=v2") == (None, "org/data=v2")
     assert split_source_name("math=org/data") == ("math", "org/data")
+
+
+def test_the_trainer_option_picks_the_trainer_and_its_config(tmp_path):
+    from trl_chord import ChordRLOOConfig
+    from trl_chord.recipes.chord import trainer_classes
+
+    cpu = ["--output_dir", str(tmp_path), "--use_cpu", "true", "--bf16", "false"]
+    assert isinstance(parse_args(cpu)[1], ChordConfig) and parse_args(cpu)[0].trainer == "grpo"
+    # RLOOConfig's own options are options of the run
+    rloo = ["--trainer", "rloo", "--beta", "0.0", "--chord_mu_valley", "0.3"]
+    script_args, training_args, _ = parse_args([*cpu, *rloo])
+    assert script_args.trainer == "rloo" and isinstance(training_args, ChordRLOOConfig)
+    assert training_args.beta == 0.0 and training_args.chord_mu_valley == 0.3
+    # From a YAML config, where the command line wins
+    config = tmp_path / "run.yaml"
+    config.write_text("trainer: rloo\nchord_mu_valley: 0.2\n")
+    assert isinstance(parse_args([*cpu, "--config", str(config)])[1], ChordRLOOConfig)
+    assert type(parse_args([*cpu, "--config", str(config), "--trainer", "grpo"])[1]) is ChordConfig
+    with pytest.raises(ValueError, match="--trainer must be one of grpo, rloo, async_grpo, got 'ppo'"):
+        trainer_classes("ppo")
+    # The GRPO options another trainer lacks are refused by name
+    with pytest.raises(ValueError, match="scale_rewards"):
+        parse_args([*cpu, "--trainer", "rloo", "--scale_rewards", "group"])
+
+
+ASYNC_GRPO = pytest.mark.skipif(
+    async_grpo_unavailable() is not None, reason="TRL's AsyncGRPOTrainer needs transformers 5"
+)
+
+
+@ASYNC_GRPO
+def test_the_async_grpo_trainer_takes_async_grpo_configs_options(tmp_path):
+    from trl_chord.chord_async_grpo import ChordAsyncGRPOConfig
+
+    cpu = ["--output_dir", str(tmp_path), "--use_cpu", "true", "--bf16", "false"]
+    script_args, training_args, model_args = parse_args(
+        [*cpu, "--trainer=async_grpo", "--vllm_server_base_url", "http://gpu-node:8000", "--dtype", "bfloat16"]
+    )
+    assert isinstance(training_args, ChordAsyncGRPOConfig)
+    assert training_args.vllm_server_base_url == "http://gpu-node:8000"
+    # `dtype` is an option of both TRL's ModelConfig and AsyncGRPOConfig (the same one): it goes to the latter
+    assert training_args.dtype == "bfloat16" and not hasattr(model_args, "dtype")
+    with pytest.raises(ValueError, match="scale_rewards"):
+        parse_args([*cpu, "--trainer", "async_grpo", "--scale_rewards", "group"])
+
+
+@pytest.mark.skipif(async_grpo_unavailable() is None, reason="TRL's AsyncGRPOTrainer imports with this transformers")
+def test_async_grpo_with_transformers_4_is_a_clear_error(tmp_path):
+    cpu = ["--output_dir", str(tmp_path), "--use_cpu", "true", "--bf16", "false"]
+    with pytest.raises(ImportError, match="It needs transformers 5 .* ChordTrainer and ChordRLOOTrainer work with"):
+        parse_args([*cpu, "--trainer", "async_grpo"])
+
+
+def test_recipe_trains_with_rloo(tiny_model_dir, tmp_path):
+    from trl_chord.recipes.chord import main
+
+    expert = write_jsonl(tmp_path / "experts.jsonl", sum_experts(range(4), lambda n: str(n + 1)))
+    args = recipe_args(
+        tiny_model_dir, tmp_path, "--trainer", "rloo", "--beta", "0", "--chord_sft_dataset", expert, "--max_steps", "2"
+    )
+    main(*parse_args(args))
+    entries = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [entry for entry in entries if "chord/mu" in entry]
+    assert len(steps) == 2 and all("chord/rloo_loss" in entry and "chord/sft_loss" in entry for entry in steps)
+
+
+@ASYNC_GRPO
+def test_the_builtin_demo_refuses_async_grpo_with_the_reason(tmp_path):
+    from trl_chord.recipes.chord import main
+
+    # (the demo's config sets `beta`, an option AsyncGRPOConfig has not: the command line is the built-in task's)
+    cpu = ["--use_cpu", "true", "--bf16", "false"]
+    args = parse_args(["--output_dir", str(tmp_path), *cpu, "--trainer", "async_grpo"])
+    with pytest.raises(ValueError, match="--trainer async_grpo needs a vLLM server"):
+        main(*args)
 
 
 def test_plot_has_a_heldout_panel_only_with_heldout_evaluations(tmp_path):

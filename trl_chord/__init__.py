@@ -1,4 +1,4 @@
-"""CHORD for TRL: on-policy GRPO mixed with an SFT term on expert demonstrations (arXiv 2508.11408)."""
+"""CHORD for TRL: on-policy GRPO (or RLOO) mixed with an SFT term on expert demonstrations (arXiv 2508.11408)."""
 
 from typing import TYPE_CHECKING
 
@@ -6,8 +6,13 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChordAsyncGRPOConfig",
+    "ChordAsyncGRPOTrainer",
     "ChordConfig",
     "ChordMuCallback",
+    "ChordOptions",
+    "ChordRLOOConfig",
+    "ChordRLOOTrainer",
     "ChordTrainer",
     "adaptive_chord_mu",
     "chord_mu",
@@ -18,7 +23,9 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .callbacks import ChordMuCallback
-    from .chord_config import ChordConfig
+    from .chord_async_grpo import ChordAsyncGRPOConfig, ChordAsyncGRPOTrainer
+    from .chord_config import ChordConfig, ChordOptions
+    from .chord_rloo import ChordRLOOConfig, ChordRLOOTrainer
     from .chord_trainer import ChordTrainer
     from .losses import expert_sft_loss, phi_token_weights, token_weights
     from .schedule import adaptive_chord_mu, chord_mu
@@ -26,9 +33,14 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str):
     # Each public name is imported on first use: `import trl_chord` (and the `trl-chord` command's `configs` and
-    # `prepare` listings, which import `trl_chord.recipes`) then loads neither torch nor TRL.
-    if name == "ChordConfig":
+    # `prepare` listings, which import `trl_chord.recipes`) then loads neither torch nor TRL (nor TRL's experimental
+    # AsyncGRPOTrainer, for anything but the two async names).
+    if name in ("ChordConfig", "ChordOptions"):
         from . import chord_config as module
+    elif name in ("ChordRLOOConfig", "ChordRLOOTrainer"):
+        from . import chord_rloo as module
+    elif name in ("ChordAsyncGRPOConfig", "ChordAsyncGRPOTrainer"):
+        from . import chord_async_grpo as module
     elif name == "ChordMuCallback":
         from . import callbacks as module
     elif name == "ChordTrainer":

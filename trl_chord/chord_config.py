@@ -1,5 +1,6 @@
 import json
 from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 from trl import GRPOConfig
 
@@ -7,17 +8,11 @@ from .expert_head import EXPERT_HEADS
 from .losses import SFT_LOSS_AGGREGATIONS, TOKEN_WEIGHT_NORMALIZATIONS, TOKEN_WEIGHTINGS
 
 
-@dataclass
-class ChordConfig(GRPOConfig):
-    r"""
-    Configuration class for [`ChordTrainer`].
-
-    CHORD (arXiv 2508.11408) trains on `(1 - mu) * L_GRPO + mu * L_SFT`: TRL's GRPO loss on the model's own rollouts
-    plus a supervised loss on expert answers from a separate dataset. [`ChordConfig`] inherits every parameter of
-    [`~trl.GRPOConfig`] and adds the `chord_*` parameters below, named as in ms-swift. Two defaults differ from
-    ms-swift's: `chord_enable_phi_function` is `True` here and `False` there, and ms-swift requires the four
-    `chord_mu_*` values (here they default to a constant 0.1).
-    The defaults are the paper's CHORD-phi: a constant `mu = 0.1` with phi token weights.
+# The part of every CHORD config's docstring that documents the chord_* options (appended by `documented`)
+CHORD_OPTIONS_DOC = """
+    The `chord_*` options are named as in ms-swift. Two defaults differ from ms-swift's: `chord_enable_phi_function` is
+    `True` here and `False` there, and ms-swift requires the four `chord_mu_*` values (here they default to a constant
+    0.1). The defaults are the paper's CHORD-phi: a constant `mu = 0.1` with phi token weights.
 
     `mu` at optimizer step `s` (0-based: the number of steps already completed), with `W = chord_mu_warmup_steps` and
     `D = chord_mu_decay_steps`, is `peak * s / W` for `s < W`, then
@@ -62,7 +57,7 @@ class ChordConfig(GRPOConfig):
             which makes `mu = 0.1` act like `mu = 0.002` (`chord/effective_mu` shows it). `"none"`: the weights as the
             weighting defines them (the paper's CHORD-phi).
         chord_sft_per_device_train_batch_size (`int`, *optional*, defaults to `1`):
-            Number of expert examples in the SFT micro-batch drawn on each process at every GRPO micro-step.
+            Number of expert examples in the SFT micro-batch drawn on each process at every training micro-step.
         chord_sft_dataset_proportions (`dict[str, float]` or `str`, *optional*):
             With several expert sources (`expert_dataset={name: dataset, ...}`), the share of expert examples each
             source gives, by name (normalised to sum to 1; a JSON string on the command line). Unset: in proportion
@@ -73,7 +68,7 @@ class ChordConfig(GRPOConfig):
             (every example counts the same), `"seq-mean-token-sum"` (the token sum, averaged over examples) or
             `"seq-mean-token-sum-norm"` (the token sum over the constant `chord_sft_max_length`, averaged over
             examples). Each process aggregates its own micro-batch; the gradients are then averaged over processes
-            and accumulation steps, as GRPOTrainer's are.
+            and accumulation steps, as the on-policy term's are.
         chord_sft_max_length (`int`, *optional*, defaults to `1024`):
             Maximum length in tokens of an expert example (prompt and completion together). Longer examples are cut
             at the end of the completion; an example whose completion is cut away entirely is skipped and counted.
@@ -83,6 +78,23 @@ class ChordConfig(GRPOConfig):
             or caps them as TRL knows how, else the model's own full logits); logged once, the same on every process.
             `"chunked"`, `"trl_fused"`: that head, refused with an error where the probe finds it inexact.
             `"full_logits"`: the model's own logits (exact by construction, costlier in memory; no probe).
+"""
+
+
+def documented(config_class: type) -> type:
+    """Append [`CHORD_OPTIONS_DOC`] to a CHORD config's docstring: one text for the chord_* options of every config."""
+    config_class.__doc__ = config_class.__doc__.rstrip() + "\n" + CHORD_OPTIONS_DOC
+    return config_class
+
+
+@documented
+@dataclass
+class ChordOptions:
+    r"""
+    The `chord_*` options of CHORD (arXiv 2508.11408), defined, validated and documented once for every trainer CHORD
+    extends. A CHORD config is this class followed by the trainer's own config, `ChordConfig(ChordOptions,
+    GRPOConfig)`: the trainer's options come first (`output_dir` stays the first positional argument), and
+    `__post_init__` checks the chord_* options before handing on to the trainer config's own checks.
     """
 
     chord_mu_peak: float = field(
@@ -144,7 +156,8 @@ class ChordConfig(GRPOConfig):
     chord_sft_per_device_train_batch_size: int = field(
         default=1,
         metadata={
-            "help": "Number of expert examples in the SFT micro-batch drawn on each process at every GRPO micro-step."
+            "help": "Number of expert examples in the SFT micro-batch drawn on each process at every training "
+            "micro-step."
         },
     )
     chord_sft_dataset_proportions: dict[str, float] | str | None = field(
@@ -179,17 +192,17 @@ class ChordConfig(GRPOConfig):
         },
     )
 
+    # The trainer's own config and the name of the classmethod that converts one (set by each CHORD config)
+    _base_config: ClassVar[type | None] = None
+    _conversion: ClassVar[str | None] = None
+
     @classmethod
-    def from_grpo_config(cls, grpo_config: GRPOConfig, **chord_options) -> "ChordConfig":
-        """
-        A `ChordConfig` with every option of `grpo_config` and the given `chord_*` ones: for a script that builds a
-        `GRPOConfig`. (`generation_batch_size` is left out: `GRPOConfig` derives it from `steps_per_generation`, which
-        is kept, and refuses both.)
-        """
+    def _from_base_config(cls, base_config, derived: tuple[str, ...] = (), **chord_options):
+        """A config of `cls` with every option of `base_config` but the `derived` ones, and the given chord_* ones."""
         options = {
-            spec.name: getattr(grpo_config, spec.name)
-            for spec in fields(GRPOConfig)
-            if spec.init and spec.name != "generation_batch_size"
+            spec.name: getattr(base_config, spec.name)
+            for spec in fields(cls._base_config)
+            if spec.init and spec.name not in derived
         }
         return cls(**options, **chord_options)
 
@@ -262,3 +275,27 @@ class ChordConfig(GRPOConfig):
             if hasattr(self, new) and getattr(self, new) is None and getattr(self, old) is not None:
                 setattr(self, new, getattr(self, old))
         super().__post_init__()
+
+
+@documented
+@dataclass
+class ChordConfig(ChordOptions, GRPOConfig):
+    r"""
+    Configuration class for [`ChordTrainer`].
+
+    CHORD (arXiv 2508.11408) trains on `(1 - mu) * L_GRPO + mu * L_SFT`: TRL's GRPO loss on the model's own rollouts
+    plus a supervised loss on expert answers from a separate dataset. [`ChordConfig`] inherits every parameter of
+    [`~trl.GRPOConfig`] and adds the `chord_*` parameters of [`ChordOptions`], below.
+    """
+
+    _base_config = GRPOConfig
+    _conversion = "from_grpo_config"
+
+    @classmethod
+    def from_grpo_config(cls, grpo_config: GRPOConfig, **chord_options) -> "ChordConfig":
+        """
+        A `ChordConfig` with every option of `grpo_config` and the given `chord_*` ones: for a script that builds a
+        `GRPOConfig`. (`generation_batch_size` is left out: `GRPOConfig` derives it from `steps_per_generation`, which
+        is kept, and refuses both.)
+        """
+        return cls._from_base_config(grpo_config, ("generation_batch_size",), **chord_options)

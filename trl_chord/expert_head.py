@@ -350,6 +350,10 @@ class ExpertHead:
             The forward the model had before [`add_expert_loss_head`]: every call but an expert one goes to it.
         trl_head_forward (`Callable`):
             The same forward with TRL's fused LM head at temperature 1 (`fused_lm_head=True`).
+        packed_inputs (`Callable`, *optional*):
+            For a model whose attention takes sequences packed into one row: `packed_inputs(lengths, device)`, the
+            forward's extra inputs (positions, segment boundaries) for sequences of these lengths laid end to end. The
+            probe runs its tokens as one such sequence. `None`: the model takes padded rows with an attention mask.
         choice ([`LMHeadProbe`], *optional*):
             The head in use and why, set by the first expert call ([`choose_lm_head`]).
     """
@@ -363,6 +367,7 @@ class ExpertHead:
     requested: str
     forward_without_head: Callable
     trl_head_forward: Callable
+    packed_inputs: Callable | None = None
     choice: LMHeadProbe | None = None
 
 
@@ -551,7 +556,9 @@ def _trl_log_probs_problem(forward_without_head, trl_head_forward, inputs, backb
 
 
 @torch.compiler.disable
-def probe_lm_head(model: PreTrainedModel, forward_without_head, trl_head_forward, paths=HEAD_PATHS) -> dict:
+def probe_lm_head(
+    model: PreTrainedModel, forward_without_head, trl_head_forward, paths=HEAD_PATHS, packed_inputs=None
+) -> dict:
     """
     Why each expert head of `paths` would be inexact for `model` (`None`: it is exact), found by running the model on
     a few fixed tokens ([`probe_token_ids`]) with the RNG left as found ([`_probing`]), outside `torch.compile`:
@@ -573,6 +580,8 @@ def probe_lm_head(model: PreTrainedModel, forward_without_head, trl_head_forward
     head_problem = _plain_head_problem(lm_head)
     input_ids = probe_token_ids(model)
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "use_cache": False}
+    if packed_inputs is not None:  # the probe's tokens as one packed sequence (see `ExpertHead.packed_inputs`)
+        inputs.update(packed_inputs([input_ids.shape[1]], input_ids.device))
     with _probing(input_ids.device):
         if "chunked" in paths:
             transform = _logit_transform_problem(forward_without_head, inputs, backbone, lm_head)
@@ -635,9 +644,10 @@ def choose_lm_head(model: PreTrainedModel, head: ExpertHead) -> LMHeadProbe:
         choice = pick_lm_head({"full_logits": None}, "full_logits")
     else:
         first = ("chunked",) if head.requested == "auto" else (head.requested,)
-        problems = probe_lm_head(model, head.forward_without_head, head.trl_head_forward, first)
+        forwards = (head.forward_without_head, head.trl_head_forward)
+        problems = probe_lm_head(model, *forwards, first, head.packed_inputs)
         if head.requested == "auto" and problems["chunked"] is not None:
-            problems.update(probe_lm_head(model, head.forward_without_head, head.trl_head_forward, ("trl_fused",)))
+            problems.update(probe_lm_head(model, *forwards, ("trl_fused",), head.packed_inputs))
         try:
             choice, refusal = pick_lm_head(problems, head.requested), None
         except ValueError as error:
@@ -698,6 +708,7 @@ def add_expert_loss_head(
     norm_length: int | None = None,
     head: str = "auto",
     normalization: str = "none",
+    packed_inputs: Callable | None = None,
 ) -> None:
     """
     Let `model(input_ids, attention_mask, labels, chord_expert_loss=True)` return the expert SFT loss as an
@@ -712,6 +723,11 @@ def add_expert_loss_head(
     `normalization="mean"` ([`token_weights`]). With `output_router_logits=True`, a Mixture-of-Experts model's
     load-balancing loss on the expert micro-batch comes back as `aux_loss`, as the model's own forward computes it. A
     deep copy of the model is the model as loaded, without either head.
+
+    For a model whose attention takes sequences packed into one row, `packed_inputs` gives the forward's extra inputs
+    ([`ExpertHead`]); an expert micro-batch is then one row of `B` sequences laid end to end, with
+    `chord_sequence_ids` (`(1, seq_len)`: the sequence of each position) telling the aggregation and the per-sequence
+    sums which is which.
     """
     if head not in EXPERT_HEADS:
         raise ValueError(f"The expert LM head must be one of {EXPERT_HEADS}, got {head!r}.")
@@ -728,13 +744,20 @@ def add_expert_loss_head(
         requested=head,
         forward_without_head=forward_without_head,
         trl_head_forward=model.forward,
+        packed_inputs=packed_inputs,
     )
     model.forward = types.MethodType(_expert_forward_for(type(model)), model)
     model.__deepcopy__ = types.MethodType(_deepcopy_as_loaded, model)
 
 
 def expert_head_forward(
-    self: PreTrainedModel, *args, chord_expert_loss=False, chord_head_gradient_in_forward=True, labels=None, **kwargs
+    self: PreTrainedModel,
+    *args,
+    chord_expert_loss=False,
+    chord_head_gradient_in_forward=True,
+    chord_sequence_ids=None,
+    labels=None,
+    **kwargs,
 ):
     """The forward of a model prepared by [`add_expert_loss_head`]: the expert loss, or the model's own forward."""
     head = self.chord_expert_head
@@ -746,17 +769,28 @@ def expert_head_forward(
         head.choice = choose_lm_head(self, head)
     kwargs["use_cache"] = False
 
+    def sequences(mask):
+        """The expert sequences as rows of masks over the positions that predict their tokens: `mask` itself for
+        padded rows, one row per sequence for a packed one."""
+        if chord_sequence_ids is None:
+            return mask
+        ids = chord_sequence_ids[:, 1:].to(mask.device)  # shifted as the labels are: the sequence of each target
+        return (ids == torch.arange(int(ids.max()) + 1, device=mask.device)[:, None]) & mask
+
+    def scales_of(mask, dtype):
+        scales = token_loss_scales(sequences(mask), head.aggregation, head.norm_length, dtype=dtype)
+        return scales if chord_sequence_ids is None else scales.sum(0, keepdim=True)
+
     def loss_from_log_probs(log_probs, mask, entropies=None):
         weights = token_weights(
             head.weighting, log_probs, mask, entropies, focal_gamma=head.focal_gamma, normalization=head.normalization
         )
-        scales = token_loss_scales(mask, head.aggregation, head.norm_length, dtype=log_probs.dtype)
-        return expert_sft_loss(log_probs, mask, weights, scales)
+        return expert_sft_loss(log_probs, mask, weights, scales_of(mask, log_probs.dtype))
 
     if head.choice.path == "trl_fused":
         output = head.trl_head_forward(*args, labels=labels, fused_lm_head=True, **kwargs)
         loss = loss_from_log_probs(output.log_probs, output.label_mask, output.entropy)
-        return _with_rows_and_aux(loss, output.log_probs, output.label_mask, output.aux_loss)
+        return _with_rows_and_aux(loss, output.log_probs, sequences(output.label_mask), output.aux_loss)
 
     labels = labels[:, 1:]
     mask = labels != -100
@@ -773,7 +807,7 @@ def expert_head_forward(
             token_entropies = -(log_softmax.exp() * log_softmax).sum(-1)
             entropies = log_softmax.new_zeros(mask.shape).masked_scatter(mask, token_entropies)
         loss = loss_from_log_probs(log_probs, mask, entropies)
-        return _with_rows_and_aux(loss, log_probs, mask, getattr(output, "aux_loss", None))
+        return _with_rows_and_aux(loss, log_probs, sequences(mask), getattr(output, "aux_loss", None))
 
     # The model's own forward, keeping one position's logits, gives the backbone's output (and any aux loss)
     seen = {}
@@ -808,18 +842,19 @@ def expert_head_forward(
             head.focal_gamma,
             compute_dtype,
             gradient_in_forward=chord_head_gradient_in_forward,
-            token_scales=token_loss_scales(mask, head.aggregation, head.norm_length, float_dtype)[mask],
+            token_scales=scales_of(mask, float_dtype)[mask],
             normalization=head.normalization,
         )
     token_log_probs = loss.token_log_probs
     log_probs = token_log_probs.new_zeros(mask.shape).masked_scatter(mask.to(token_log_probs.device), token_log_probs)
-    return _with_rows_and_aux(loss, log_probs, mask, getattr(output, "aux_loss", None))
+    return _with_rows_and_aux(loss, log_probs, sequences(mask), getattr(output, "aux_loss", None))
 
 
-def _with_rows_and_aux(loss: ExpertLossOutput, log_probs, mask, aux_loss) -> ExpertLossOutput:
-    """Add each sequence's NLL sum and token count (for per-source metrics) and the router aux loss."""
-    mask = mask.to(log_probs.device)
-    loss.row_nll_sums = -(log_probs.detach() * mask).sum(-1)
-    loss.row_num_tokens = mask.sum(-1).to(log_probs.dtype)
+def _with_rows_and_aux(loss: ExpertLossOutput, log_probs, sequence_masks, aux_loss) -> ExpertLossOutput:
+    """Add each sequence's NLL sum and token count (for per-source metrics; `sequence_masks`: one row of the
+    positions of `log_probs` per sequence) and the router aux loss."""
+    sequence_masks = sequence_masks.to(log_probs.device)
+    loss.row_nll_sums = -(log_probs.detach() * sequence_masks).sum(-1)
+    loss.row_num_tokens = sequence_masks.sum(-1).to(log_probs.dtype)
     loss.aux_loss = aux_loss
     return loss

@@ -1,7 +1,10 @@
 """A short CHORD run for the multi-process tests, launched with torchrun or `accelerate launch`.
 
 Each process writes `rank{N}.json` into `--output`: the expert example indices it drew, the mu and loss it logged, and
-a digest of its final weights (the full weights, gathered, under DeepSpeed ZeRO-3).
+a digest of its final weights (the full weights, gathered, under DeepSpeed ZeRO-3). `--trainer rloo` runs
+ChordRLOOTrainer instead of ChordTrainer, `--trainer async_grpo` ChordAsyncGRPOTrainer (rollouts from the in-process
+worker of tests/async_grpo_cpu.py, on the main process); `--plain` runs TRL's own trainer (GRPOTrainer, RLOOTrainer,
+AsyncGRPOTrainer) on the same settings, for the tests' oracles.
 """
 
 import argparse
@@ -12,8 +15,51 @@ import sys
 
 import torch
 from transformers import AutoTokenizer
+from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-from trl_chord import ChordConfig, ChordTrainer
+from trl_chord import ChordConfig, ChordRLOOConfig, ChordRLOOTrainer, ChordTrainer
+
+
+PER_DEVICE_BATCH_SIZE, ACCUMULATION_STEPS = 2, 2
+
+
+def trainer_classes(name: str) -> tuple:
+    """For `--trainer`: the CHORD config and trainer, TRL's own ones (`--plain`), and the options it needs here."""
+    if name == "grpo":
+        return ChordConfig, ChordTrainer, GRPOConfig, GRPOTrainer, {}
+    if name == "rloo":
+        # RLOOConfig's beta defaults to 0.05, which would load a reference model; GRPOConfig's is 0
+        return ChordRLOOConfig, ChordRLOOTrainer, RLOOConfig, RLOOTrainer, {"beta": 0.0}
+    from trl.experimental.async_grpo import AsyncGRPOConfig, AsyncGRPOTrainer
+
+    from trl_chord.chord_async_grpo import ChordAsyncGRPOConfig, ChordAsyncGRPOTrainer
+
+    # Fixed-count batching (no vLLM server to size a token budget), and no gradient checkpointing (its default)
+    options = {"token_budget": 0, "gradient_checkpointing": False}
+    return ChordAsyncGRPOConfig, ChordAsyncGRPOTrainer, AsyncGRPOConfig, AsyncGRPOTrainer, options
+
+
+def rollout_source(trainer_name: str, model: str, num_processes: int) -> dict:
+    """AsyncGRPOTrainer's rollout worker and weight sync on a CPU (tests/async_grpo_cpu.py); nothing for the others,
+    which generate their own rollouts."""
+    if trainer_name != "async_grpo":
+        return {}
+    import pytest
+    from async_grpo_cpu import HFRolloutWorker, InProcessWeightTransfer, cpu_seams
+    from helpers import make_rl_prompts, odd_char_reward
+
+    cpu_seams(pytest.MonkeyPatch())
+    # Only the main process's worker is used (AsyncGRPOTrainer dispatches each micro-batch's rows from there)
+    worker = HFRolloutWorker(
+        model,
+        make_rl_prompts(),
+        [odd_char_reward],
+        AutoTokenizer.from_pretrained(model),
+        step_samples=PER_DEVICE_BATCH_SIZE * ACCUMULATION_STEPS * num_processes,
+        num_generations=4,
+        max_completion_length=6,
+    )
+    return {"rollout_worker": worker, "weight_transfer": InProcessWeightTransfer(worker)}
 
 
 def main():
@@ -31,6 +77,8 @@ def main():
     parser.add_argument("--expert-lengths", type=int, nargs="*", help="completion lengths (characters) of the experts")
     parser.add_argument("--sgd", action="store_true", help="plain SGD, so that runs can be compared weight by weight")
     parser.add_argument("--joint-backward", action="store_true", help="one backward through both terms")
+    parser.add_argument("--trainer", choices=["async_grpo", "grpo", "rloo"], default="grpo", help="on-policy trainer")
+    parser.add_argument("--plain", action="store_true", help="TRL's own trainer, without CHORD (no chord_* options)")
     args = parser.parse_args()
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -53,17 +101,9 @@ def main():
         if not args.sgd:
             deepspeed["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "torch_adam": True}}
     optimizer_args = PLAIN_SGD if args.sgd else {"learning_rate": 1e-2}
-    config = ChordConfig(
-        output_dir=os.path.join(args.output, "run"),
-        per_device_train_batch_size=2,
-        num_generations=4,
-        gradient_accumulation_steps=2,
-        max_completion_length=6,
-        max_steps=args.max_steps,
-        logging_steps=1,
-        report_to="none",
-        bf16=False,
-        save_strategy="no",
+    classes = trainer_classes(args.trainer)
+    chord_config_class, chord_trainer_class, plain_config_class, plain_trainer_class, trainer_options = classes
+    chord_options = dict(
         chord_mu_peak=args.mu_peak,
         chord_mu_valley=args.mu_valley
         if args.mu_valley is not None
@@ -73,30 +113,53 @@ def main():
         chord_token_weight_normalization=args.normalization,
         chord_sft_max_length=64,
         chord_sft_per_device_train_batch_size=2,
+    )
+    config_class = plain_config_class if args.plain else chord_config_class
+    config = config_class(
+        output_dir=os.path.join(args.output, "run"),
+        per_device_train_batch_size=PER_DEVICE_BATCH_SIZE,
+        num_generations=4,
+        gradient_accumulation_steps=ACCUMULATION_STEPS,
+        max_completion_length=6,
+        max_steps=args.max_steps,
+        logging_steps=1,
+        report_to="none",
+        bf16=False,
+        save_strategy="no",
         deepspeed=deepspeed,
         # Without a GPU, accelerate only sets up the gloo process group when asked for the CPU explicitly
         use_cpu=not torch.cuda.is_available(),
         **optimizer_args,
+        **trainer_options,
+        **({} if args.plain else chord_options),
     )
-    trainer = ChordTrainer(
+    expert_options = {}
+    if not args.plain:
+        expert_options["expert_dataset"] = (
+            make_expert_dataset_of_lengths(args.expert_lengths)
+            if args.expert_lengths
+            else make_expert_dataset(args.num_expert_examples)
+        )
+    trainer = (plain_trainer_class if args.plain else chord_trainer_class)(
         model=args.model,
         reward_funcs=odd_char_reward,
         args=config,
         train_dataset=make_rl_prompts(),
-        expert_dataset=(
-            make_expert_dataset_of_lengths(args.expert_lengths)
-            if args.expert_lengths
-            else make_expert_dataset(args.num_expert_examples)
-        ),
         processing_class=AutoTokenizer.from_pretrained(args.model),
+        **expert_options,
+        **rollout_source(args.trainer, args.model, int(os.environ["WORLD_SIZE"])),
     )
     if args.joint_backward:
         trainer.backward_expert_term_first = False
     drawn, generations = [], []
-    next_batch = trainer.expert_sampler.next_batch
-    trainer.expert_sampler.next_batch = lambda: drawn.append(next_batch()) or drawn[-1]
-    generate = trainer._generate_and_score_completions
-    trainer._generate_and_score_completions = lambda inputs: generations.append(trainer._step) or generate(inputs)
+    # No expert sampler in TRL's own trainer, nor where mu is 0 at every step (the expert data is dropped)
+    expert_sampler = getattr(trainer, "expert_sampler", None)
+    if expert_sampler is not None:
+        next_batch = trainer.expert_sampler.next_batch
+        trainer.expert_sampler.next_batch = lambda: drawn.append(next_batch()) or drawn[-1]
+    if args.trainer != "async_grpo":  # (AsyncGRPOTrainer's rollouts come from its worker)
+        generate = trainer._generate_and_score_completions
+        trainer._generate_and_score_completions = lambda inputs: generations.append(trainer._step) or generate(inputs)
     trainer.train()
 
     state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
@@ -115,14 +178,16 @@ def main():
         "rank": rank,
         "num_processes": trainer.accelerator.num_processes,
         "drawn": drawn,
-        "shard_size": trainer.expert_sampler.shard_size,
+        "shard_size": None if expert_sampler is None else expert_sampler.shard_size,
         "mu": [entry["chord/mu"] for entry in logs],
         "sft_loss": [entry.get("chord/sft_loss") for entry in logs],
         "effective_mu": [entry.get("chord/effective_mu") for entry in logs],
-        "grpo_skipped": [entry.get("chord/grpo_skipped") for entry in logs],
+        # `chord/grpo_skipped` (ChordTrainer, ChordAsyncGRPOTrainer) or `chord/rloo_skipped`
+        "on_policy_skipped": [entry.get(f"chord/{args.trainer.removeprefix('async_')}_skipped") for entry in logs],
+        "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
         "generations": generations,
         "weights_sha256": digest,
-        "backward_expert_term_first": trainer.backward_expert_term_first,
+        "backward_expert_term_first": None if args.plain else trainer.backward_expert_term_first,
     }
     with open(os.path.join(args.output, f"rank{rank}.json"), "w") as file:
         json.dump(result, file)

@@ -9,19 +9,22 @@
 `trl-chord` (`trl_chord.cli`) and `recipes/chord.py` run this file's `main`. Every ChordConfig / GRPOConfig option,
 TRL ModelConfig option (`--use_peft`, `--lora_r`, ...) and the script options below is a command-line flag, and can
 come from `--config`: a YAML file, or the name of a config shipped in `trl_chord/recipes/configs/`. With no
-`--model_name_or_path` and no `--dataset_name`, the run is the built-in demo.
+`--model_name_or_path` and no `--dataset_name`, the run is the built-in demo. `--trainer rloo` (or `async_grpo`) puts
+RLOO (or TRL's asynchronous GRPO) in GRPO's place; the options are then those of its config (RLOOConfig, ...).
 """
 
 import importlib
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, make_dataclass
 
+import yaml
 from transformers import AutoProcessor
 from transformers.utils import is_torch_bf16_gpu_available
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
-from .. import ChordConfig, ChordTrainer
+from .. import ChordConfig, ChordRLOOConfig, ChordRLOOTrainer, ChordTrainer
+from ..chord_config import ChordOptions
 from ..demo.addition import addition_reward, demo_datasets
 from ..demo.heldout import HeldOutEvaluationCallback
 from ..demo.reporting import JsonLinesLoggerCallback, plot_metrics
@@ -29,6 +32,39 @@ from ..demo.tiny import save_tiny_model
 from ..rewards import math_accuracy_reward, tool_call_reward
 from . import CommandLineError, config_path
 from .data_files import load_dataset_file_or_hub
+
+
+TRAINERS = ("grpo", "rloo", "async_grpo")
+
+
+def trainer_classes(trainer: str) -> tuple[type, type]:
+    """The CHORD config and trainer of `--trainer` (AsyncGRPOTrainer, TRL's experimental API, is imported on use)."""
+    if trainer == "grpo":
+        return ChordConfig, ChordTrainer
+    if trainer == "rloo":
+        return ChordRLOOConfig, ChordRLOOTrainer
+    if trainer == "async_grpo":
+        from ..chord_async_grpo import ChordAsyncGRPOConfig, ChordAsyncGRPOTrainer
+
+        return ChordAsyncGRPOConfig, ChordAsyncGRPOTrainer
+    raise ValueError(f"--trainer must be one of {', '.join(TRAINERS)}, got {trainer!r}.")
+
+
+# TRL's ModelConfig without `dtype`, for async_grpo: AsyncGRPOConfig has the same option (the dtype to load the model
+# under), and one command line cannot take an option twice
+ModelConfigWithoutDtype = make_dataclass(
+    "ModelConfigWithoutDtype",
+    [
+        (
+            spec.name,
+            spec.type,
+            field(default=spec.default, default_factory=spec.default_factory, metadata=spec.metadata),
+        )
+        for spec in fields(ModelConfig)
+        if spec.name != "dtype"
+    ],
+    namespace={"__post_init__": ModelConfig.__post_init__},
+)
 
 
 REWARD_FUNCS = {
@@ -65,6 +101,10 @@ class ChordScriptArguments:
             Reward functions by name (see `REWARD_FUNCS`) or dotted import path (`my_module.my_reward`).
         heldout_eval_steps (`int`, *optional*, defaults to `25`):
             Built-in task only: held-out accuracy is measured every this many optimizer steps.
+        trainer (`str`, *optional*, defaults to `"grpo"`):
+            The trainer of the on-policy term: `"grpo"` ([`ChordTrainer`]), `"rloo"` ([`ChordRLOOTrainer`]) or
+            `"async_grpo"` ([`ChordAsyncGRPOTrainer`]: rollouts from a vLLM server, `--vllm_server_base_url`, in TRL's
+            asynchronous GRPO). It decides which config's options the run takes.
     """
 
     dataset_name: str | None = field(
@@ -91,6 +131,14 @@ class ChordScriptArguments:
         metadata={"help": f"Reward functions: names among {sorted(REWARD_FUNCS)} or dotted import paths."},
     )
     heldout_eval_steps: int = field(default=25, metadata={"help": "Built-in task: held-out accuracy period in steps."})
+    trainer: str = field(
+        default="grpo",
+        metadata={
+            "help": "Trainer of the on-policy term: grpo (ChordTrainer), rloo (ChordRLOOTrainer) or async_grpo "
+            "(ChordAsyncGRPOTrainer, rollouts from a vLLM server). The run takes that trainer's config options.",
+            "choices": list(TRAINERS),
+        },
+    )
 
 
 def resolve_reward_funcs(names: list[str] | str) -> list:
@@ -146,8 +194,15 @@ def load_expert_sources(entries: list[str] | str | None, config: str | None, spl
     return sources
 
 
-def main(script_args: ChordScriptArguments, training_args: ChordConfig, model_args: ModelConfig):
+def main(script_args: ChordScriptArguments, training_args: ChordOptions, model_args: ModelConfig):
     builtin_task = script_args.dataset_name is None
+    trainer_class = trainer_classes(script_args.trainer)[1]
+    if builtin_task and script_args.trainer == "async_grpo":
+        raise ValueError(
+            "The built-in demo runs with GRPO or RLOO (--trainer grpo or rloo): --trainer async_grpo needs a vLLM "
+            "server for its rollouts, and the demo's held-out evaluation generates with the policy, which "
+            "AsyncGRPOTrainer loads with its packed attention. Give --model_name_or_path and --dataset_name."
+        )
     heldout = None
     if builtin_task:
         train_dataset, expert_dataset, heldout = demo_datasets(seed=training_args.seed)
@@ -175,12 +230,10 @@ def main(script_args: ChordScriptArguments, training_args: ChordConfig, model_ar
             save_tiny_model(model_path, hidden_size=64, intermediate_size=128, num_attention_heads=4)
         training_args.distributed_state.wait_for_everyone()
 
-    model_init_kwargs = dict(
-        revision=model_args.model_revision,
-        trust_remote_code=training_args.trust_remote_code,
-        attn_implementation=model_args.attn_implementation,
-        dtype=model_args.dtype,
-    )
+    model_init_kwargs = dict(revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code)
+    # (AsyncGRPOTrainer loads the model with its packed attention, in its config's own `dtype`)
+    if script_args.trainer != "async_grpo":
+        model_init_kwargs.update(attn_implementation=model_args.attn_implementation, dtype=model_args.dtype)
     training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
     # A vision-language model's processor, any other model's tokenizer, as GRPOTrainer loads it when given none
     processing_class = AutoProcessor.from_pretrained(
@@ -189,7 +242,15 @@ def main(script_args: ChordScriptArguments, training_args: ChordConfig, model_ar
         trust_remote_code=training_args.trust_remote_code,
         padding_side="left",
     )
-    trainer = ChordTrainer(
+    quantization = {"quantization_config": get_quantization_config(model_args)}
+    if script_args.trainer == "async_grpo":
+        if quantization["quantization_config"] is not None:
+            raise ValueError(
+                "--trainer async_grpo takes no quantized model (AsyncGRPOTrainer has no `quantization_config`): leave "
+                "out --load_in_4bit and --load_in_8bit."
+            )
+        quantization = {}
+    trainer = trainer_class(
         model=model_path,
         reward_funcs=reward_funcs,
         args=training_args,
@@ -197,7 +258,7 @@ def main(script_args: ChordScriptArguments, training_args: ChordConfig, model_ar
         expert_dataset=expert_dataset,
         processing_class=processing_class,
         peft_config=get_peft_config(model_args),
-        quantization_config=get_quantization_config(model_args),
+        **quantization,
     )
     os.makedirs(training_args.output_dir, exist_ok=True)
     metrics_path = os.path.join(training_args.output_dir, "metrics.jsonl")
@@ -237,14 +298,18 @@ USAGE = """trl-chord [--config NAME_OR_FILE] [--OPTION VALUE ...]    train (the 
        trl-chord prepare [NAME [--help | OPTIONS]]              make the data of a paper config"""
 
 DESCRIPTION = """\
-Train with CHORD: (1 - mu) * GRPO + mu * SFT on expert demonstrations. Every option below is a flag, and any of them
+Train with CHORD: (1 - mu) * GRPO + mu * SFT on expert demonstrations (--trainer rloo or async_grpo: RLOO or TRL's
+asynchronous GRPO in GRPO's place, with its config's options). Every option below is a flag, and any of them
 can come from --config: a YAML file, or the name of a shipped config (`trl-chord configs` lists them: demo,
 math_chord_phi, ...); flags on the command line win over the file. `trl-chord --config demo` runs the built-in demo.
 Without a GPU, add --use_cpu true --bf16 false (the demo config sets them)."""
 
 
-def make_parser() -> TrlParser:
-    return TrlParser((ChordScriptArguments, ChordConfig, ModelConfig), usage=USAGE, description=DESCRIPTION)
+def make_parser(trainer: str = "grpo") -> TrlParser:
+    model_options = ModelConfigWithoutDtype if trainer == "async_grpo" else ModelConfig
+    return TrlParser(
+        (ChordScriptArguments, trainer_classes(trainer)[0], model_options), usage=USAGE, description=DESCRIPTION
+    )
 
 
 def resolve_config_argument(args: list[str]) -> list[str]:
@@ -256,10 +321,25 @@ def resolve_config_argument(args: list[str]) -> list[str]:
     return args
 
 
-def parse_args(args: list[str]) -> tuple[ChordScriptArguments, ChordConfig, ModelConfig]:
+def requested_trainer(args: list[str]) -> str:
+    """`--trainer` of `args` (a command line whose `--config` is a path): on the command line, else in the YAML
+    config, else `"grpo"`; the command line wins, as it does for every option."""
+    for index, arg in enumerate(args):
+        if arg.startswith("--trainer="):
+            return arg.split("=", 1)[1]
+        if arg == "--trainer" and index + 1 < len(args):
+            return args[index + 1]
+    if "--config" in args and args.index("--config") + 1 < len(args):
+        with open(args[args.index("--config") + 1]) as file:
+            return (yaml.safe_load(file) or {}).get("trainer", "grpo")
+    return "grpo"
+
+
+def parse_args(args: list[str]) -> tuple[ChordScriptArguments, ChordOptions, ModelConfig]:
     """The recipe's options from `args`; `--config` takes a YAML file or the name of a shipped config (`demo`)."""
+    args = resolve_config_argument(args)
     try:
-        return make_parser().parse_args_and_config(resolve_config_argument(args))
+        return make_parser(requested_trainer(args)).parse_args_and_config(args)
     except ValueError as error:
         # transformers refuses bf16 (TRL's default, and the paper configs') without a GPU, and names only use_cpu
         if "bf16" not in str(error) or is_torch_bf16_gpu_available():
