@@ -82,6 +82,11 @@ def weights(trainer) -> dict[str, torch.Tensor]:
     return {name: param.detach().clone() for name, param in trainer.model.named_parameters()}
 
 
+def logged(trainer, key) -> list:
+    """Every value of `key` in the trainer's log history, in order."""
+    return [entry[key] for entry in trainer.state.log_history if key in entry]
+
+
 def make_expert_dataset_of_lengths(lengths: list[int]) -> Dataset:
     """Examples whose completions are `length` characters long, so that the aggregations weigh them differently."""
     return Dataset.from_dict(

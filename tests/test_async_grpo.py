@@ -13,6 +13,7 @@ from helpers import (
     PLAIN_SGD,
     async_grpo_unavailable,
     expert_nll_gradient,
+    logged,
     make_expert_dataset,
     make_expert_dataset_of_lengths,
     make_rl_prompts,
@@ -60,10 +61,6 @@ ASYNC_ARGS = dict(
 @pytest.fixture(autouse=True)
 def on_cpu(monkeypatch):
     cpu_seams(monkeypatch)
-
-
-def logged(trainer, key) -> list:
-    return [entry[key] for entry in trainer.state.log_history if key in entry]
 
 
 def run(model_dir, tmp_path, name, chord_options=None, expert_dataset=None, peft_config=None, **overrides):

@@ -10,6 +10,7 @@ from helpers import (
     RLOO_ARGS,
     chord_rloo_config,
     expert_nll_gradient,
+    logged,
     make_expert_dataset,
     make_expert_dataset_of_lengths,
     make_rl_prompts,
@@ -22,10 +23,6 @@ from trl import RLOOConfig, RLOOTrainer
 
 from trl_chord import ChordRLOOConfig, chord_mu
 from trl_chord.checkpoints import CHORD_STATE_NAME
-
-
-def logged(trainer, key) -> list:
-    return [entry[key] for entry in trainer.state.log_history if key in entry]
 
 
 def rloo_trainer(model_dir, tmp_path, **overrides) -> RLOOTrainer:

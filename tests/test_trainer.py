@@ -12,6 +12,7 @@ from helpers import (
     chord_config,
     completion_logits,
     expert_nll_gradient,
+    logged,
     make_expert_dataset,
     make_expert_dataset_of_lengths,
     make_rl_prompts,
@@ -25,10 +26,6 @@ from trl import GRPOConfig, GRPOTrainer
 
 from trl_chord import ChordConfig, ChordTrainer, chord_mu
 from trl_chord.checkpoints import CHORD_STATE_NAME
-
-
-def logged(trainer, key) -> list:
-    return [entry[key] for entry in trainer.state.log_history if key in entry]
 
 
 # 1. mu = 0 is TRL's GRPOTrainer, bit for bit

@@ -468,11 +468,7 @@ def prepare_seed(seed: int, scale: Scale, work_dir: str) -> dict:
 # The trainer's metrics every run keeps in its log (averaged over each logging period): the reward, the schedule, and
 # the expert term's diagnostics (issue 19): its mean token weight, the policy's probability of the expert tokens, its
 # effective mu, and each term's gradient norm
-LOGGED_KEYS = (
-    "reward",
-    "frac_reward_zero_std",
-    "entropy",
-    "completions/mean_length",
+EXPERT_TERM_KEYS = (
     "chord/mu",
     "chord/effective_mu",
     "chord/token_weight_mean",
@@ -482,6 +478,13 @@ LOGGED_KEYS = (
     "chord/expert_nll",
     "chord/expert_grad_norm",
     "chord/grpo_grad_norm",
+)
+LOGGED_KEYS = (
+    "reward",
+    "frac_reward_zero_std",
+    "entropy",
+    "completions/mean_length",
+    *EXPERT_TERM_KEYS,
     "chord/grpo_skipped",
 )
 
@@ -908,19 +911,7 @@ def log_diagnostics(runs: list[dict]) -> dict:
     """The expert term's diagnostics over seeds: the mean of each logged value over each run's first and last logging
     period, and over the whole run."""
     diagnostics = {}
-    for key in (
-        "chord/mu",
-        "chord/effective_mu",
-        "chord/token_weight_mean",
-        "chord/expert_token_prob",
-        "chord/expert_prob_below_0.1",
-        "chord/expert_prob_above_0.9",
-        "chord/expert_nll",
-        "chord/expert_grad_norm",
-        "chord/grpo_grad_norm",
-        "reward",
-        "frac_reward_zero_std",
-    ):
+    for key in (*EXPERT_TERM_KEYS, "reward", "frac_reward_zero_std"):
         series = [[entry[key] for entry in run["log"] if key in entry] for run in runs]
         if all(series):
             diagnostics[key] = {
