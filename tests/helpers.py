@@ -82,6 +82,21 @@ def weights(trainer) -> dict[str, torch.Tensor]:
     return {name: param.detach().clone() for name, param in trainer.model.named_parameters()}
 
 
+def trained_update(trainer) -> dict[str, torch.Tensor]:
+    """Trains `trainer` and returns how far each parameter moved."""
+    before = weights(trainer)
+    trainer.train()
+    return {name: param - before[name] for name, param in weights(trainer).items()}
+
+
+def recording_draws(trainer) -> list:
+    """The expert micro-batches `trainer` draws, in order, as lists of example indices."""
+    drawn = []
+    next_batch = trainer.expert_sampler.next_batch
+    trainer.expert_sampler.next_batch = lambda: drawn.append(next_batch()) or drawn[-1]
+    return drawn
+
+
 def logged(trainer, key) -> list:
     """Every value of `key` in the trainer's log history, in order."""
     return [entry[key] for entry in trainer.state.log_history if key in entry]

@@ -18,6 +18,8 @@ from helpers import (
     make_expert_dataset_of_lengths,
     make_rl_prompts,
     odd_char_reward,
+    recording_draws,
+    trained_update,
     weights,
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -91,13 +93,6 @@ def run(model_dir, tmp_path, name, chord_options=None, expert_dataset=None, peft
         args = ChordAsyncGRPOConfig(**options, **chord_options)
         trainer = ChordAsyncGRPOTrainer(args=args, expert_dataset=expert_dataset, **trainer_kwargs)
     return trainer, worker
-
-
-def recording_draws(trainer) -> list:
-    drawn = []
-    next_batch = trainer.expert_sampler.next_batch
-    trainer.expert_sampler.next_batch = lambda: drawn.append(next_batch()) or drawn[-1]
-    return drawn
 
 
 def test_the_packed_attention_seam_gives_the_models_own_log_probabilities(tiny_model_dir):
@@ -196,18 +191,14 @@ def test_mixed_update_is_the_weighted_sum_of_async_grpo_and_expert_terms(tiny_mo
     # AsyncGRPOTrainer's own update times (1 - mu), plus mu times the update of the independent SFT gradient
     mu, expert = 0.4, make_expert_dataset_of_lengths([1, 9, 3, 14])
     grpo, _ = run(tiny_model_dir, tmp_path, "grpo", max_steps=1, **PLAIN_SGD)
-    grpo_before = weights(grpo)
-    grpo.train()
-    grpo_update = {name: param - grpo_before[name] for name, param in weights(grpo).items()}
+    grpo_update = trained_update(grpo)
 
     options = dict(chord_mu_peak=mu, chord_mu_valley=mu, chord_sft_per_device_train_batch_size=2)
     trainer, _ = run(tiny_model_dir, tmp_path, "chord", options, expert, max_steps=1, **PLAIN_SGD)
     assert trainer.backward_expert_term_first  # the default on one process
     trainer.backward_expert_term_first = backward_first
     drawn = recording_draws(trainer)
-    before = weights(trainer)
-    trainer.train()
-    update = {name: param - before[name] for name, param in weights(trainer).items()}
+    update = trained_update(trainer)
 
     oracle = [expert_nll_gradient(tiny_model_dir, expert.select(indices), "phi") for indices in drawn]
     assert len(drawn) == 2

@@ -16,6 +16,8 @@ from helpers import (
     make_rl_prompts,
     make_trainer,
     odd_char_reward,
+    recording_draws,
+    trained_update,
     weights,
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -34,14 +36,6 @@ def rloo_trainer(model_dir, tmp_path, **overrides) -> RLOOTrainer:
         train_dataset=make_rl_prompts(),
         processing_class=AutoTokenizer.from_pretrained(model_dir),
     )
-
-
-def recording_draws(trainer) -> list:
-    """The expert micro-batches `trainer` draws, in order, as lists of example indices."""
-    drawn = []
-    next_batch = trainer.expert_sampler.next_batch
-    trainer.expert_sampler.next_batch = lambda: drawn.append(next_batch()) or drawn[-1]
-    return drawn
 
 
 @pytest.mark.parametrize("with_expert_dataset", [False, True])
@@ -103,9 +97,7 @@ def test_mixed_update_is_the_weighted_sum_of_rloos_and_the_expert_terms(tiny_mod
     mu, expert = 0.3, make_expert_dataset_of_lengths([1, 9, 3, 14])
     steps = dict(gradient_accumulation_steps=2, per_device_train_batch_size=2, **PLAIN_SGD, max_steps=1)
     rloo = rloo_trainer(tiny_model_dir, tmp_path, **steps)
-    rloo_before = weights(rloo)
-    rloo.train()
-    rloo_update = {name: param - rloo_before[name] for name, param in weights(rloo).items()}
+    rloo_update = trained_update(rloo)
 
     args = chord_rloo_config(
         tmp_path,
@@ -120,9 +112,7 @@ def test_mixed_update_is_the_weighted_sum_of_rloos_and_the_expert_terms(tiny_mod
     assert trainer.backward_expert_term_first  # the default on one process
     trainer.backward_expert_term_first = backward_first
     drawn = recording_draws(trainer)
-    before = weights(trainer)
-    trainer.train()
-    update = {name: param - before[name] for name, param in weights(trainer).items()}
+    update = trained_update(trainer)
 
     oracle = [expert_nll_gradient(tiny_model_dir, expert.select(indices), "phi") for indices in drawn]
     assert len(drawn) == 2

@@ -19,6 +19,8 @@ from helpers import (
     make_trainer,
     odd_char_reward,
     oracle_weights,
+    recording_draws,
+    trained_update,
     weights,
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -182,9 +184,7 @@ def test_expert_term_strength_metrics_equal_an_oracle(tiny_model_dir, tmp_path, 
         max_steps=1,
     )
     trainer = make_trainer(tiny_model_dir, args, expert)
-    before = weights(trainer)
-    trainer.train()
-    update = {name: param - before[name] for name, param in weights(trainer).items()}
+    update = trained_update(trainer)
     entry = trainer.state.log_history[0]
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -285,9 +285,7 @@ def test_each_sft_loss_aggregation_sgd_step_follows_its_oracle(
     )
     trainer = make_trainer(tiny_model_dir, args, expert)
     trainer.backward_expert_term_first = gradient_in_forward
-    drawn = []
-    next_batch = trainer.expert_sampler.next_batch
-    trainer.expert_sampler.next_batch = lambda: drawn.append(next_batch()) or drawn[-1]
+    drawn = recording_draws(trainer)
     before = weights(trainer)
     trainer.train()
     after = weights(trainer)
@@ -334,9 +332,7 @@ def test_expert_backward_first_gives_the_joint_backwards_update(tiny_model_dir, 
         trainer = make_trainer(tiny_model_dir, args, make_expert_dataset(6))
         assert trainer.backward_expert_term_first  # the default on one process
         trainer.backward_expert_term_first = backward_first
-        before = weights(trainer)
-        trainer.train()
-        updates[backward_first] = {name: param - before[name] for name, param in weights(trainer).items()}
+        updates[backward_first] = trained_update(trainer)
         losses = sum((logged(trainer, key) for key in ("loss", "chord/grpo_loss", "chord/sft_loss")), [])
         if backward_first:
             first_losses = losses
@@ -371,9 +367,7 @@ def test_resume_continues_mu_and_expert_order(tiny_model_dir, tmp_path):
 
     def run(output, resume=None):
         trainer = make_trainer(tiny_model_dir, chord_config(tmp_path / output, **schedule), make_expert_dataset(7))
-        drawn = []
-        next_batch = trainer.expert_sampler.next_batch
-        trainer.expert_sampler.next_batch = lambda: drawn.append(next_batch()) or drawn[-1]
+        drawn = recording_draws(trainer)
         trainer.train(resume_from_checkpoint=resume)
         return trainer, drawn
 
@@ -623,9 +617,7 @@ def test_two_expert_sources_mix_in_proportion_with_per_source_metrics(tiny_model
     )
     sources = two_sources()
     trainer = make_trainer(tiny_model_dir, args, sources)
-    drawn = []
-    next_batch = trainer.expert_sampler.next_batch
-    trainer.expert_sampler.next_batch = lambda: drawn.append(next_batch()) or drawn[-1]
+    drawn = recording_draws(trainer)
     trainer.train()
 
     # 3 of every 4 examples from "add", in every micro-batch of 4 (the schedule is exact at multiples of 4)
@@ -668,9 +660,7 @@ def test_two_expert_sources_resume_exactly(tiny_model_dir, tmp_path):
 
     def run(output, resume=None):
         trainer = make_trainer(tiny_model_dir, chord_config(tmp_path / output, **options), two_sources())
-        drawn = []
-        next_batch = trainer.expert_sampler.next_batch
-        trainer.expert_sampler.next_batch = lambda: drawn.append(next_batch()) or drawn[-1]
+        drawn = recording_draws(trainer)
         trainer.train(resume_from_checkpoint=resume)
         return trainer, drawn
 
