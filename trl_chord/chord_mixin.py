@@ -586,7 +586,7 @@ class ChordMixin:
         With `resume_from_checkpoint=True`, the newest complete checkpoint in `output_dir` is used: ones cut short by
         a crash during the save are skipped with a warning. A checkpoint path given explicitly must be complete.
         """
-        # (not a streamed dataset)
+        # A streamed (iterable) RL dataset has no length to check
         if self._generates_rollouts and self.train_dataset is not None and hasattr(self.train_dataset, "__len__"):
             check_prompts_fill_a_step(len(self.train_dataset), self.args)
         needs_chord_state = self.expert_sampler is not None
