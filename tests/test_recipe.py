@@ -421,6 +421,22 @@ def test_the_builtin_demo_refuses_async_grpo_with_the_reason(tmp_path):
         main(*args)
 
 
+@ASYNC_GRPO
+@pytest.mark.parametrize(
+    "option, message",
+    [(["--attn_implementation", "sdpa"], "own packed attention"), (["--load_in_4bit", "true"], "no quantized model")],
+)
+def test_async_grpo_refuses_model_options_it_would_ignore_before_loading_anything(tmp_path, option, message):
+    from trl_chord.recipes.chord import main
+
+    cpu = ["--use_cpu", "true", "--bf16", "false"]
+    # Neither path exists: the refusal comes before any model or data is read
+    missing = ["--model_name_or_path", str(tmp_path / "no-model"), "--dataset_name", str(tmp_path / "no-data.jsonl")]
+    args = parse_args(["--output_dir", str(tmp_path), *cpu, *missing, "--trainer", "async_grpo", *option])
+    with pytest.raises(ValueError, match=message):
+        main(*args)
+
+
 def test_plot_has_a_heldout_panel_only_with_heldout_evaluations(tmp_path):
     from PIL import Image
 

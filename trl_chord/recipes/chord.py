@@ -203,6 +203,18 @@ def main(script_args: ChordScriptArguments, training_args: ChordOptions, model_a
             "server for its rollouts, and the demo's held-out evaluation generates with the policy, which "
             "AsyncGRPOTrainer loads with its packed attention. Give --model_name_or_path and --dataset_name."
         )
+    if script_args.trainer == "async_grpo":
+        # AsyncGRPOTrainer loads the model itself: with its packed attention, in its config's own `dtype`
+        if model_args.load_in_4bit or model_args.load_in_8bit:  # (TRL's quantization config would read `dtype`)
+            raise ValueError(
+                "--trainer async_grpo takes no quantized model (AsyncGRPOTrainer has no `quantization_config`): leave "
+                "out --load_in_4bit and --load_in_8bit."
+            )
+        if model_args.attn_implementation is not None:
+            raise ValueError(
+                f"--trainer async_grpo runs the model with AsyncGRPOTrainer's own packed attention, not "
+                f"--attn_implementation {model_args.attn_implementation}: leave the option out."
+            )
     heldout = None
     if builtin_task:
         train_dataset, expert_dataset, heldout = demo_datasets(seed=training_args.seed)
@@ -231,7 +243,6 @@ def main(script_args: ChordScriptArguments, training_args: ChordOptions, model_a
         training_args.distributed_state.wait_for_everyone()
 
     model_init_kwargs = dict(revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code)
-    # (AsyncGRPOTrainer loads the model with its packed attention, in its config's own `dtype`)
     if script_args.trainer != "async_grpo":
         model_init_kwargs.update(attn_implementation=model_args.attn_implementation, dtype=model_args.dtype)
     training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
@@ -242,14 +253,9 @@ def main(script_args: ChordScriptArguments, training_args: ChordOptions, model_a
         trust_remote_code=training_args.trust_remote_code,
         padding_side="left",
     )
-    quantization = {"quantization_config": get_quantization_config(model_args)}
-    if script_args.trainer == "async_grpo":
-        if quantization["quantization_config"] is not None:
-            raise ValueError(
-                "--trainer async_grpo takes no quantized model (AsyncGRPOTrainer has no `quantization_config`): leave "
-                "out --load_in_4bit and --load_in_8bit."
-            )
-        quantization = {}
+    quantization = (
+        {} if script_args.trainer == "async_grpo" else {"quantization_config": get_quantization_config(model_args)}
+    )
     trainer = trainer_class(
         model=model_path,
         reward_funcs=reward_funcs,
