@@ -265,3 +265,132 @@ def test_vllm_chord_rloo_trainer(vllm_model_dir, vllm_options, probe, tmp_path):
     assert logged(trainer, "chord/rloo_skipped") == [0.0, 1.0, 0.0]
     assert len(logged(trainer, "reward")) == 2
     probe.assert_weights_arrived([0, 2])
+
+
+@pytest.mark.skipif(async_grpo_unavailable() is not None, reason=str(async_grpo_unavailable()))
+def test_vllm_async_grpo_with_trls_rollout_worker(vllm_model_dir, vllm_server, probe_ids, tmp_path, monkeypatch):
+    """TRL's own `AsyncRolloutWorker` (a spawned process generating from the server over HTTP) and its merged weight
+    sync; at each sync, the server's log-probs against the trainer's weights in a plain Hugging Face model."""
+    from async_grpo_cpu import cpu_seams
+    from trl.chat_template_utils import qwen3_template
+    from trl.experimental.async_grpo import AsyncGRPOTrainer
+
+    from trl_chord.chord_async_grpo import ChordAsyncGRPOConfig, ChordAsyncGRPOTrainer
+
+    cpu_seams(monkeypatch)  # FlashAttention-3 and the CUDA FLOPs lookup (tests/async_grpo_cpu.py)
+    grpo_forwards, drawn = [], []
+    compute_loss = AsyncGRPOTrainer.compute_loss
+    monkeypatch.setattr(
+        AsyncGRPOTrainer,
+        "compute_loss",
+        lambda self, *a, **k: grpo_forwards.append(self.state.global_step) or compute_loss(self, *a, **k),
+    )
+    get_batch_samples = Trainer.get_batch_samples
+
+    def recorded_batch_samples(self, epoch_iterator, num_batches, device):
+        batches, num_items = get_batch_samples(self, epoch_iterator, num_batches, device)
+        drawn.append((self.state.global_step, len(batches)))
+        return batches, num_items
+
+    monkeypatch.setattr(Trainer, "get_batch_samples", recorded_batch_samples)
+    args = ChordAsyncGRPOConfig(
+        output_dir=str(tmp_path / "async"),
+        vllm_server_base_url=vllm_server.url,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        num_generations=4,
+        max_completion_length=6,
+        max_steps=3,
+        logging_steps=1,
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+        learning_rate=1e-2,
+        seed=0,
+        save_strategy="no",
+        token_budget=0,  # fixed-count batching: 4 rollouts per micro-step, so a step draws a known number
+        gradient_checkpointing=False,
+        **CROSSING,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(vllm_model_dir)
+    # TRL's worker parses each completion with the tokenizer's response template, which it sets itself for the chat
+    # templates it knows and refuses to guess for others: the tiny tokenizer's is ChatML, as Qwen's
+    tokenizer.response_template = qwen3_template
+    trainer = ChordAsyncGRPOTrainer(
+        model=vllm_model_dir,
+        reward_funcs=odd_char_reward,
+        args=args,
+        train_dataset=make_rl_prompts(),
+        expert_dataset=make_expert_dataset(),
+        processing_class=tokenizer,
+    )
+    assert type(trainer.rollout_worker).__name__ == "AsyncRolloutWorker"
+    reference = AutoModelForCausalLM.from_pretrained(vllm_model_dir)
+    syncs = []
+    update_model_version = trainer.rollout_worker.update_model_version
+
+    def checked_update(model_version):
+        # Called once the weights are sent and the server resumed: what the worker generates with from now on
+        reference.load_state_dict(trainer.accelerator.unwrap_model(trainer.model).state_dict())
+        served = server_prompt_log_probs(vllm_server.url, probe_ids)
+        trained = model_prompt_log_probs(reference, probe_ids)
+        syncs.append((trainer.state.global_step, (served - trained).abs().max().item(), served))
+        update_model_version(model_version)
+
+    trainer.rollout_worker.update_model_version = checked_update
+    try:
+        trainer.train()
+    finally:
+        print(f"vLLM server log:\n{vllm_server.log_tail(20000)}")
+
+    assert logged(trainer, "chord/mu") == pytest.approx(CROSSING_MU)
+    assert logged(trainer, "chord/grpo_skipped") == [0.0, 1.0, 0.0]
+    # The cold sync before training, then one after each step; each one arrived, the one after the SFT-only step too
+    assert [step for step, _, _ in syncs] == [0, 1, 2, 3]
+    assert all(difference < TOLERANCE for _, difference, _ in syncs), syncs
+    assert (syncs[-1][2] - syncs[0][2]).abs().max().item() > 1e-3
+    # mu = 1 at step 1: its rollouts were drawn from the queue (two micro-batches, as every step's) and dropped, with
+    # no GRPO forward; the other steps ran one per micro-step on rollouts the worker generated with vLLM
+    assert drawn == [(0, 2), (1, 2), (2, 2)]
+    assert grpo_forwards == [0, 0, 2, 2]
+    assert len(logged(trainer, "reward")) >= 2
+
+
+@pytest.mark.parametrize("config", ["math_chord_phi", "tool_chord_phi"])
+def test_vllm_recipe_runs_a_paper_config_with_vllm(config, vllm_model_dir, tmp_path, monkeypatch):
+    """The config's `Data` command on a few local rows, then its `On a CPU` command with vLLM on (the config's colocate
+    mode) instead of off, as a user runs it: `trl-chord` with the CPU weight transport (`python tests/vllm_cpu.py`),
+    vLLM's dtype left to vLLM, a tiny model and two steps."""
+    from test_data_prep import MATH_ROWS, TOOLACE_ROWS, write_jsonl
+    from test_package import TINY_RUN, header_commands
+
+    from trl_chord.cli import main as cli_main
+    from trl_chord.recipes import config_path
+
+    headers = header_commands(config_path(config))
+    local_rows = {
+        "openr1_math": f"--dataset {write_jsonl(tmp_path / 'openr1.jsonl', MATH_ROWS)} --tokenizer {vllm_model_dir}",
+        "toolace": f"--dataset {write_jsonl(tmp_path / 'toolace.jsonl', TOOLACE_ROWS)} --num_sft 2",
+    }
+    data_command = shlex.split(headers["Data"])
+    monkeypatch.chdir(tmp_path)
+    cli_main(data_command[1:] + shlex.split(local_rows[data_command[2]]))
+
+    command = headers["On a CPU"]
+    assert command.startswith(f"trl-chord --config {config} ") and "--use_vllm false" in command
+    command = command.replace("--use_vllm false", "--use_vllm true").removeprefix("trl-chord")
+    output_dir = tmp_path / "run"
+    launcher = [sys.executable, os.path.join(os.path.dirname(__file__), "vllm_cpu.py")]
+    arguments = shlex.split(f"{command} --model_name_or_path {vllm_model_dir} --output_dir {output_dir} {TINY_RUN}")
+    completed = run_bounded(launcher + arguments, timeout=600, cwd=tmp_path, env={**os.environ, **VLLM_CPU_ENV})
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-8000:]
+    assert f"Model: {output_dir}" in completed.stdout
+    steps = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [entry for entry in steps if "chord/mu" in entry]
+    assert [entry["step"] for entry in steps] == [1, 2]
+    # The rollouts came from vLLM, with the trainer's policy: TRL logs how far vLLM's sampling log-probs are from the
+    # trainer's (for vLLM's rollouts only). Both sides compute in bf16 here (the config's dtype; vLLM's `auto` for an
+    # fp32 checkpoint): 4e-3 measured, where another model's would be about 1 off. (At the config's learning rate two
+    # steps barely move the weights: the oracle tests above are the ones that see stale weights.)
+    assert all(entry["sampling/sampling_logp_difference/max"] < 0.05 for entry in steps), steps
+    assert (output_dir / "model.safetensors").exists()

@@ -304,3 +304,12 @@ def model_prompt_log_probs(model, token_ids: list[int]) -> torch.Tensor:
     finally:
         model.train(training)
     return logits.log_softmax(-1).gather(-1, torch.tensor(token_ids[1:])[:, None]).squeeze(-1)
+
+
+if __name__ == "__main__":
+    # `python tests/vllm_cpu.py ARGS`: the `trl-chord` command (`trl_chord.cli.main`, what the console script runs)
+    # with the CPU weight transport. vLLM starts its engine processes with `spawn`, hence the guard.
+    from trl_chord.cli import main
+
+    install_cpu_weight_transport()
+    main()
