@@ -63,7 +63,7 @@ TOLERANCE = 1e-5
 @pytest.fixture(scope="module")
 def vllm_model_dir(tmp_path_factory):
     """The demo's tiny model (tied embeddings, as small Qwen2.5 and Llama 3.2 models have them), wider: vLLM's CPU
-    attention refuses a head dimension of 16 (the demo's hidden size 32 over 2 heads); 128 over 4 heads is 32."""
+    attention takes head dimensions from 32 up, not the demo's 16 (hidden size 32 over 2 heads); 128 over 4 is 32."""
     folder = str(tmp_path_factory.mktemp("vllm-model"))
     return save_tiny_model(folder, hidden_size=128, num_attention_heads=4, intermediate_size=256)
 
@@ -111,9 +111,8 @@ def probe_ids(vllm_model_dir):
     """A fixed prompt and completion: the first expert example in the chat template."""
     example = make_expert_dataset(1)[0]
     tokenizer = AutoTokenizer.from_pretrained(vllm_model_dir)
-    return tokenizer.apply_chat_template(
-        example["prompt"] + example["completion"], tokenize=True, return_dict=True
-    )["input_ids"]
+    conversation = example["prompt"] + example["completion"]
+    return tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"]
 
 
 class GenerationProbe:
@@ -347,7 +346,7 @@ def test_vllm_async_grpo_with_trls_rollout_worker(vllm_model_dir, vllm_server, p
     assert logged(trainer, "chord/grpo_skipped") == [0.0, 1.0, 0.0]
     # The cold sync before training, then one after each step; each one arrived, the one after the SFT-only step too
     assert [step for step, _, _ in syncs] == [0, 1, 2, 3]
-    assert all(difference < TOLERANCE for _, difference, _ in syncs), syncs
+    assert all(difference < TOLERANCE for _, difference, _ in syncs), [(step, diff) for step, diff, _ in syncs]
     assert (syncs[-1][2] - syncs[0][2]).abs().max().item() > 1e-3
     # mu = 1 at step 1: its rollouts were drawn from the queue (two micro-batches, as every step's) and dropped, with
     # no GRPO forward; the other steps ran one per micro-step on rollouts the worker generated with vLLM

