@@ -56,8 +56,9 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 # the first after an SFT-only step: vLLM must have the weights the SFT term alone changed
 CROSSING = dict(chord_mu_peak=1.0, chord_mu_valley=0.5, chord_mu_warmup_steps=1, chord_mu_decay_steps=2)
 CROSSING_MU = [0.0, 1.0, 0.75]
-# fp32 on both sides: 5e-7 measured on this kind of machine
-TOLERANCE = 1e-5
+ON_GPU = torch.cuda.is_available()  # benchmarks/gpu/run.sh: TRL's own weight transport, no CPU seam
+# fp32 on both sides: 5e-7 measured on a CPU (2-core Xeon); not yet measured on a GPU, where the kernels differ more
+TOLERANCE = 1e-4 if ON_GPU else 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,8 @@ def vllm_server(vllm_model_dir, tmp_path_factory):
 def vllm_on_cpu(monkeypatch):
     for name, value in VLLM_CPU_ENV.items():
         monkeypatch.setenv(name, value)
-    install_cpu_weight_transport(monkeypatch.setattr)
+    if not ON_GPU:
+        install_cpu_weight_transport(monkeypatch.setattr)
     fp32_colocate_engine(monkeypatch.setattr)
     # vLLM's CPU worker replaces torch.set_num_threads in the process it runs in (colocate mode: this one)
     monkeypatch.setattr(torch, "set_num_threads", torch.set_num_threads)
@@ -96,7 +98,8 @@ def vllm_options(vllm_mode, request):
     """The config options of a run in `vllm_mode`; in server mode, the server's log of the test is printed after it
     (pytest shows it when the test fails)."""
     if vllm_mode == "colocate":
-        yield dict(use_vllm=True, vllm_mode="colocate", vllm_enable_sleep_mode=False)
+        options = dict(use_vllm=True, vllm_mode="colocate", vllm_enable_sleep_mode=False)
+        yield {**options, "vllm_gpu_memory_utilization": 0.3} if ON_GPU else options  # sharing the GPU with training
         return
     server = request.getfixturevalue("vllm_server")
     start = os.path.getsize(server.log_path)
@@ -303,7 +306,7 @@ def test_vllm_async_grpo_with_trls_rollout_worker(vllm_model_dir, vllm_server, p
         logging_steps=1,
         report_to="none",
         bf16=False,
-        use_cpu=True,
+        use_cpu=not ON_GPU,
         learning_rate=1e-2,
         seed=0,
         save_strategy="no",

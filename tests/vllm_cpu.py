@@ -211,6 +211,7 @@ class VLLMServer:
     """
 
     def __init__(self, model_dir: str, log_path: str, start_timeout: float = 600, dtype: str = "float32"):
+        on_gpu = torch.cuda.is_available()
         self.model_dir = model_dir
         self.log_path = log_path
         self.start_timeout = start_timeout
@@ -235,10 +236,11 @@ class VLLMServer:
             "processed_logprobs",
             "--max-logprobs",
             "-1",
-            # The file transport's reload (this module, imported by the server's workers)
-            "--worker-extension-cls",
-            f"{__name__}.FileWeightReload",
         ]
+        if on_gpu:  # TRL's own transport, sharing the GPU with the trainer
+            self.command += ["--weight-transfer-config", '{"backend": "nccl"}', "--gpu-memory-utilization", "0.3"]
+        else:  # the file transport's reload (this module, imported by the server's workers)
+            self.command += ["--worker-extension-cls", f"{__name__}.FileWeightReload"]
         self.process = None
 
     def log_tail(self, chars: int = 6000) -> str:
@@ -310,7 +312,8 @@ def model_prompt_log_probs(model, token_ids: list[int]) -> torch.Tensor:
     training = model.training
     model.eval()
     try:
-        logits = model(input_ids=torch.tensor([token_ids])).logits[0, :-1].float()
+        device = next(model.parameters()).device
+        logits = model(input_ids=torch.tensor([token_ids], device=device)).logits[0, :-1].float().cpu()
     finally:
         model.train(training)
     return logits.log_softmax(-1).gather(-1, torch.tensor(token_ids[1:])[:, None]).squeeze(-1)
@@ -318,8 +321,9 @@ def model_prompt_log_probs(model, token_ids: list[int]) -> torch.Tensor:
 
 if __name__ == "__main__":
     # `python tests/vllm_cpu.py ARGS`: the `trl-chord` command (`trl_chord.cli.main`, what the console script runs)
-    # with the CPU weight transport. vLLM starts its engine processes with `spawn`, hence the guard.
+    # with the CPU weight transport (TRL's own on a GPU). vLLM starts its engine processes with `spawn`: the guard.
     from trl_chord.cli import main
 
-    install_cpu_weight_transport()
+    if not torch.cuda.is_available():
+        install_cpu_weight_transport()
     main()

@@ -41,6 +41,16 @@ def summary(output_dir: Path, stages: dict[str, tuple[str, float]]) -> str:
         if counts["skipped"] == counts["tests"]:
             lines.append("Every GPU test was skipped: no CUDA device.")
         lines += [f"- failed: `{test}`" for test in counts["failed_tests"]]
+    vllm_junit = output_dir / "vllm_tests.xml"
+    if vllm_junit.exists():
+        counts = test_counts(vllm_junit)
+        lines += [
+            "",
+            f"vLLM tests with TRL's own weight sync (`pytest -m vllm tests/test_vllm.py`): {counts['passed']} "
+            f"passed, {counts['failures']} failed, {counts['errors']} errors, {counts['skipped']} skipped of "
+            f"{counts['tests']}.",
+        ]
+        lines += [f"- failed: `{test}`" for test in counts["failed_tests"]]
     bench = output_dir / "gpu_bench.json"
     if bench.exists():
         result = json.loads(bench.read_text())
