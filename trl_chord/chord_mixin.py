@@ -35,7 +35,7 @@ from .expert_data import (
 )
 from .expert_head import LMHeadProbe, add_expert_loss_head
 from .losses import HIGH_PROB, LOW_PROB, ExpertLossOutput, expert_term_strength
-from .schedule import chord_mu_is_ever_positive
+from .schedule import MuSchedule
 
 
 logger = logging.get_logger(__name__)
@@ -176,20 +176,12 @@ class ChordMixin:
                 "the split of expert demonstrations (`load_dataset(..., split='train')` or `dataset_dict['train']`). "
                 "To mix several datasets as sources on purpose, pass a plain dict, `{name: Dataset, ...}`."
             )
-        if args.chord_mu_schedule == "adaptive":
-            mu_ever_positive = args.chord_adaptive_mu_tau > 0
-        else:
-            mu_ever_positive = chord_mu_is_ever_positive(
-                args.chord_mu_peak, args.chord_mu_valley, args.chord_mu_warmup_steps, args.chord_mu_decay_steps
-            )
+        schedule = MuSchedule.from_options(args)
+        mu_ever_positive = schedule.is_ever_positive()
         if mu_ever_positive and expert_dataset is None:
-            if args.chord_mu_schedule == "adaptive":
-                schedule = f"chord_mu_schedule='adaptive', chord_adaptive_mu_tau={args.chord_adaptive_mu_tau}"
-            else:
-                schedule = f"chord_mu_peak={args.chord_mu_peak}, chord_mu_valley={args.chord_mu_valley}"
             raise ValueError(
-                f"The CHORD schedule gives mu > 0 at some step ({schedule}), but no `expert_dataset` was given. Pass "
-                "`expert_dataset=...`, or set chord_mu_peak=chord_mu_valley=0 for plain "
+                f"The CHORD schedule gives mu > 0 at some step ({schedule.describe()}), but no `expert_dataset` was "
+                "given. Pass `expert_dataset=...`, or set chord_mu_peak=chord_mu_valley=0 for plain "
                 f"{self._on_policy_term.upper()}."
             )
         if not mu_ever_positive and (expert_dataset is not None or args.chord_sft_dataset_proportions is not None):
@@ -202,22 +194,13 @@ class ChordMixin:
 
         super().__init__(model, reward_funcs, args, *trainer_args, **trainer_kwargs)
 
-        self.mu_callback = ChordMuCallback(
-            args.chord_mu_peak,
-            args.chord_mu_valley,
-            args.chord_mu_warmup_steps,
-            args.chord_mu_decay_steps,
-            adaptive_tau=args.chord_adaptive_mu_tau if args.chord_mu_schedule == "adaptive" else None,
-        )
-        self.add_callback(self.mu_callback)
+        self.mu_schedule = schedule
+        self.add_callback(ChordMuCallback(schedule))
         if mu_ever_positive:
             self.add_callback(WeakExpertTermCallback())
         self._warned_zero_advantages = False
         self._logged_on_policy_skip = False
         self._chord_micro_steps = 0
-        self.skips_on_policy_term_at_mu_one = (
-            args.chord_mu_schedule == "cosine" and max(args.chord_mu_peak, args.chord_mu_valley) >= 1
-        )
         self.expert_dataset = None
         self.expert_sampler = None
         self.expert_source_names = None
@@ -266,7 +249,7 @@ class ChordMixin:
     @property
     def chord_mu(self) -> float:
         """Weight of the SFT term for the current optimizer step."""
-        return self.mu_callback.mu
+        return self.mu_schedule.mu
 
     @property
     def chord_expert_head(self) -> LMHeadProbe | None:
@@ -385,7 +368,7 @@ class ChordMixin:
         scoring). `mu` depends only on the step, so every process decides alike. (The adaptive schedule needs every
         step's rollouts to set `mu`, so it never skips.)
         """
-        return self.model.training and self.mu_callback.adaptive_tau is None and self.chord_mu >= 1.0
+        return self.model.training and self.mu_schedule.skips_on_policy_term()
 
     def _prepare_inputs(self, generation_batch):
         if self.on_policy_term_skipped():
@@ -464,7 +447,7 @@ class ChordMixin:
         totals = self.accelerator.reduce(torch.stack([s.float().to(device) for s in stats]), reduction="sum").tolist()
         metrics = self._metrics["train"]
         metrics["chord/mu"].append(mu)
-        if self.skips_on_policy_term_at_mu_one:
+        if self.mu_schedule.reaches_one():
             metrics[f"chord/{self._on_policy_term}_skipped"].append(float(skip_on_policy))
         if not skip_on_policy:
             self._log_on_policy_term(*totals[:3])
@@ -566,7 +549,7 @@ class ChordMixin:
         output = super()._generate_and_score_completions(inputs)
         if self.model.training:
             # The mean reward over every process's rollouts, which the trainer has just logged
-            self.mu_callback.observe_mean_reward(self._metrics["train"]["reward"][-1])
+            self.mu_schedule.observe_mean_reward(self._metrics["train"]["reward"][-1])
         return output
 
     def _raise_if_not_finite(self, term: str, value: float) -> None:
