@@ -33,7 +33,8 @@ from .expert_data import (
     collate_expert_images,
     prepare_expert_dataset,
 )
-from .expert_head import LMHeadProbe, add_expert_loss_head
+from .expert_head.choice import LMHeadProbe
+from .expert_head.forward import add_expert_loss_head, expert_loss
 from .losses import HIGH_PROB, LOW_PROB, ExpertLossOutput, expert_term_strength
 from .schedule import MuSchedule
 
@@ -344,14 +345,10 @@ class ChordMixin:
         # MoE models: request the router logits exactly when the trainer does for the on-policy term
         moe_kwargs = {"output_router_logits": True} if self.aux_loss_enabled else {}
         with self.accelerator.autocast():
-            expert = model(
-                **self._expert_model_inputs(batch),
-                chord_expert_loss=True,
-                # When the backward comes at once, the head computes its gradient in the forward; else it recomputes
-                # in the backward, so that no (vocab, hidden) gradient is held through the on-policy pass
-                chord_head_gradient_in_forward=self.backward_expert_term_first,
-                **moe_kwargs,
-            )
+            # When the backward comes at once, the head computes its gradient in the forward; else it recomputes in
+            # the backward, so that no (vocab, hidden) gradient is held through the on-policy pass
+            gradient_in_forward = self.backward_expert_term_first
+            expert = expert_loss(model, self._expert_model_inputs(batch), gradient_in_forward, **moe_kwargs)
         if self.aux_loss_enabled:
             expert.loss = expert.loss + self.router_aux_loss_coef * expert.aux_loss
         per_source = None
