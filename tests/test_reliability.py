@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from trl_chord import ChordConfig, ChordTrainer
 from trl_chord.checkpoints import CHORD_STATE_NAME, TRAINER_STATE_NAME, complete_checkpoints
-from trl_chord.expert_data import ExpertSampler
+from trl_chord.expert_sampler import ExpertSampler
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -592,7 +592,7 @@ def test_a_skipped_grpo_term_gives_the_update_computing_it_would(tiny_model_dir,
     for skip in (True, False):
         trainer = make_trainer(tiny_model_dir, args, make_expert_dataset())
         if not skip:
-            trainer.grpo_term_skipped = lambda: False
+            trainer.on_policy_term_skipped = lambda: False
         trainer.train()
         assert logged(trainer, "chord/grpo_skipped") == ([1.0, 1.0] if skip else [0.0, 0.0])
         updated[skip] = weights(trainer)
@@ -716,14 +716,14 @@ def _strength_run(model_dir, tmp_path, name, weighting, max_steps, learning_rate
 
 def test_term_gradient_norms_are_measured_on_the_logged_steps_only(tiny_model_dir, tmp_path, monkeypatch):
     # The hooks cost a pass over the gradients per backward: only the micro-steps of logged optimizer steps pay it
-    from trl_chord.chord_trainer import TermGradientNorms
+    from trl_chord.chord_metrics import TermGradientNorms
 
     measured_steps = []
     measuring = TermGradientNorms.measuring
 
-    def counted(self):
+    def counted(self, term):
         measured_steps.append(trainer.state.global_step + 1)
-        return measuring(self)
+        return measuring(self, term)
 
     monkeypatch.setattr(TermGradientNorms, "measuring", counted)
     args = chord_config(tmp_path, chord_mu_valley=0.5, logging_steps=2, max_steps=4, gradient_accumulation_steps=2)

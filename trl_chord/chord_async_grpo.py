@@ -42,7 +42,6 @@ class ChordAsyncGRPOConfig(ChordOptions, AsyncGRPOConfig):
     """
 
     _base_config = AsyncGRPOConfig
-    _conversion = "from_async_grpo_config"
 
     @classmethod
     def from_async_grpo_config(cls, async_grpo_config: AsyncGRPOConfig, **chord_options) -> "ChordAsyncGRPOConfig":

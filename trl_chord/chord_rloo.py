@@ -21,7 +21,6 @@ class ChordRLOOConfig(ChordOptions, RLOOConfig):
     """
 
     _base_config = RLOOConfig
-    _conversion = "from_rloo_config"
 
     @classmethod
     def from_rloo_config(cls, rloo_config: RLOOConfig, **chord_options) -> "ChordRLOOConfig":
