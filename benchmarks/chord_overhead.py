@@ -163,6 +163,35 @@ def expert_dataset(tokenizer: PreTrainedTokenizerFast, lengths: list[int], seed:
     return Dataset.from_dict({"prompt": prompts, "completion": completions})
 
 
+def trainer_options(output_dir: str, num_generations: int, completion_length: int, **options) -> dict:
+    """The options of every trainer the benchmarks build (here and in gpu/bench.py): a micro-batch of one prompt's
+    `num_generations` completions, each exactly `completion_length` tokens long, so that its shape is fixed."""
+    return dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=num_generations,
+        num_generations=num_generations,
+        max_completion_length=completion_length,
+        generation_kwargs={"min_new_tokens": completion_length},
+        report_to="none",
+        save_strategy="no",
+        seed=0,
+        **options,
+    )
+
+
+def ready(trainer: GRPOTrainer) -> GRPOTrainer:
+    """A trainer whose `training_step` can be called directly (it normally runs inside `train()`, which sets this)."""
+    trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
+    return trainer
+
+
+def collated_expert_batch(tokenizer, batch_size: int, length: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """One expert micro-batch of `batch_size` examples of `length` tokens, tokenized and collated as trl_chord does."""
+    examples = prepare_expert_dataset(expert_dataset(tokenizer, [length] * batch_size, seed=1), tokenizer, length)
+    batch = collate_expert_batch(list(examples), pad_token_id=tokenizer.pad_token_id)
+    return {name: tensor.to(device) for name, tensor in batch.items()}
+
+
 class Workbench:
     """Builds identical models and the trainers of every variant, all on one tokenizer, prompt set and seed."""
 
@@ -184,27 +213,11 @@ class Workbench:
 
     def _config_kwargs(self) -> dict:
         sizes = self.sizes
-        return dict(
-            output_dir=self.output_dir,
-            per_device_train_batch_size=sizes.num_generations,
-            num_generations=sizes.num_generations,
-            max_completion_length=sizes.completion_length,
-            # Every completion runs to the full length, so the GRPO batch shape is fixed by the sizes alone
-            generation_kwargs={"min_new_tokens": sizes.completion_length},
-            report_to="none",
-            save_strategy="no",
-            bf16=False,
-            seed=0,
-        )
-
-    def _ready(self, trainer: GRPOTrainer) -> GRPOTrainer:
-        # `training_step` normally runs inside `train()`, which sets this; the benchmark calls it directly
-        trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
-        return trainer
+        return trainer_options(self.output_dir, sizes.num_generations, sizes.completion_length, bf16=False)
 
     def grpo_trainer(self) -> GRPOTrainer:
         args = GRPOConfig(**self._config_kwargs())
-        return self._ready(
+        return ready(
             GRPOTrainer(
                 model=self.model(),
                 reward_funcs=seeded_random_reward,
@@ -221,7 +234,7 @@ class Workbench:
             chord_options.update(chord_mu_peak=0.0, chord_mu_valley=0.0)
         args = ChordConfig(**self._config_kwargs(), **chord_options)
         experts = None if expert_lengths is None else expert_dataset(self.tokenizer, expert_lengths, seed=0)
-        return self._ready(
+        return ready(
             ChordTrainer(
                 model=self.model(),
                 reward_funcs=seeded_random_reward,
@@ -231,14 +244,6 @@ class Workbench:
                 expert_dataset=experts,
             )
         )
-
-    def expert_batch(self, batch_size: int, length: int, device: torch.device) -> dict[str, torch.Tensor]:
-        """One collated expert micro-batch of `batch_size` examples of `length` tokens, tokenized as trl_chord does."""
-        examples = prepare_expert_dataset(
-            expert_dataset(self.tokenizer, [length] * batch_size, seed=1), self.tokenizer, max_length=length
-        )
-        batch = collate_expert_batch(list(examples), pad_token_id=self.tokenizer.pad_token_id)
-        return {name: tensor.to(device) for name, tensor in batch.items()}
 
 
 def generate_grpo_batch(trainer: GRPOTrainer) -> dict:
@@ -694,7 +699,8 @@ def run(sizes: Sizes, scratch_dir: str, log: Callable[[str], None]) -> dict:
     trl_fused_model = bench.model().to(device).train()
     add_fused_lm_head(trl_fused_model)
     heads = [
-        head_experiment(chord.model, trl_fused_model, bench.expert_batch(*case, device)) for case in sizes.head_batches
+        head_experiment(chord.model, trl_fused_model, collated_expert_batch(bench.tokenizer, *case, device))
+        for case in sizes.head_batches
     ]
 
     clock = StepClock(device)

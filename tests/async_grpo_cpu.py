@@ -20,7 +20,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM
+from helpers import make_rl_prompts, odd_char_reward
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.experimental.async_grpo import async_grpo_trainer, packing
 from trl.experimental.async_grpo.async_rollout_worker import RolloutSample
 
@@ -212,3 +213,57 @@ class InProcessWeightTransfer:
 
     def destroy(self) -> None:
         pass
+
+
+# 4 rollouts per micro-step (one group), 2 micro-steps per optimizer step; fixed-count batching (no vLLM to ask for a
+# token budget); fp32 weights and no gradient checkpointing, so that runs compare weight by weight
+ASYNC_ARGS = dict(
+    per_device_train_batch_size=4,
+    gradient_accumulation_steps=2,
+    num_generations=4,
+    max_completion_length=6,
+    max_steps=2,
+    logging_steps=1,
+    report_to="none",
+    bf16=False,
+    use_cpu=True,
+    learning_rate=1e-2,
+    seed=0,
+    save_strategy="no",
+    token_budget=0,
+    gradient_checkpointing=False,
+)
+
+
+def make_async_grpo_trainer(model_dir, args, expert_dataset=None, peft_config=None, chord=None):
+    """
+    ChordAsyncGRPOTrainer (`chord`; by default for a CHORD config) or AsyncGRPOTrainer on `args`, with its own
+    in-process worker (`trainer.rollout_worker`, the same seed every time) and weight sync.
+    """
+    from trl.experimental.async_grpo import AsyncGRPOTrainer
+
+    from trl_chord.chord_async_grpo import ChordAsyncGRPOConfig, ChordAsyncGRPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    worker = HFRolloutWorker(
+        model_dir,
+        make_rl_prompts(),
+        [odd_char_reward],
+        tokenizer,
+        step_samples=args.per_device_train_batch_size * args.gradient_accumulation_steps,
+        num_generations=args.num_generations,
+        max_completion_length=args.max_completion_length,
+    )
+    trainer_kwargs = dict(
+        model=model_dir,
+        reward_funcs=odd_char_reward,
+        args=args,
+        train_dataset=make_rl_prompts(),
+        processing_class=tokenizer,
+        rollout_worker=worker,
+        weight_transfer=InProcessWeightTransfer(worker),
+        peft_config=peft_config,
+    )
+    if chord if chord is not None else isinstance(args, ChordAsyncGRPOConfig):
+        return ChordAsyncGRPOTrainer(expert_dataset=expert_dataset, **trainer_kwargs)
+    return AsyncGRPOTrainer(**trainer_kwargs)

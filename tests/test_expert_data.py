@@ -6,14 +6,12 @@ import torch
 from datasets import Dataset
 
 from trl_chord.expert_data import (
-    ExpertMixtureSampler,
-    ExpertSampler,
     collate_expert_batch,
     is_empty_message,
-    next_source,
     prepare_expert_dataset,
     tokenize_expert_example,
 )
+from trl_chord.expert_sampler import ExpertMixtureSampler, ExpertSampler, next_source
 
 
 def trained_text(tokenizer, example):

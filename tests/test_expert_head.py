@@ -8,7 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from trl_chord.expert_head import add_expert_loss_head, weighted_expert_nll
+from trl_chord.expert_head.chunked_nll import weighted_expert_nll
+from trl_chord.expert_head.forward import add_expert_loss_head
 from trl_chord.losses import TOKEN_WEIGHTINGS, expert_sft_loss, token_weights
 
 

@@ -34,7 +34,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from trl_chord import ChordConfig, ChordTrainer
 from trl_chord.expert_data import collate_expert_batch, prepare_expert_dataset
-from trl_chord.expert_head import weighted_expert_nll
+from trl_chord.expert_head.chunked_nll import weighted_expert_nll
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "gpu"))

@@ -10,10 +10,11 @@ from helpers import COMMON_ARGS, make_expert_dataset, make_trainer, weights
 from test_model_families import build_model, expected_head, expert_batch
 from trl.trainer.utils import add_fused_lm_head
 
-import trl_chord.expert_head as expert_head
+import trl_chord.expert_head.choice as head_choice
 from trl_chord import ChordConfig
 from trl_chord.demo.tiny import build_tiny_model, build_tiny_tokenizer
-from trl_chord.expert_head import LMHeadProbe, add_expert_loss_head, pick_lm_head
+from trl_chord.expert_head.choice import LMHeadProbe, pick_lm_head
+from trl_chord.expert_head.forward import add_expert_loss_head
 
 
 TRANSFORM_FAMILIES = ["gemma2", "granite", "cohere"]
@@ -78,7 +79,7 @@ def test_a_run_with_the_probe_draws_what_a_run_without_it_draws(tmp_path, monkey
 
     probed = run(tmp_path / "probed")
     # Without the probe: the same head, chosen without running the model
-    monkeypatch.setattr(expert_head, "probe_lm_head", lambda *args: {"chunked": None, "full_logits": None})
+    monkeypatch.setattr(head_choice, "probe_lm_head", lambda *args: {"chunked": None, "full_logits": None})
     unprobed = run(tmp_path / "unprobed")
     for name, tensor in probed.items():
         assert torch.equal(tensor, unprobed[name]), name
@@ -87,14 +88,14 @@ def test_a_run_with_the_probe_draws_what_a_run_without_it_draws(tmp_path, monkey
 def test_the_head_is_chosen_once_and_logged_once(caplog):
     model = prepared(build_model("qwen2"))
     calls = []
-    probe = expert_head.probe_lm_head
+    probe = head_choice.probe_lm_head
 
     def counted(*args, **kwargs):
         calls.append(args)
         return probe(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch, caplog.at_level("WARNING"):
-        patch.setattr(expert_head, "probe_lm_head", counted)
+        patch.setattr(head_choice, "probe_lm_head", counted)
         for _ in range(3):
             expert_loss(model, expert_batch())
     assert len(calls) == 1
@@ -142,7 +143,7 @@ def test_a_requested_head_is_used_when_exact(requested):
 
 
 def test_full_logits_needs_no_probe(monkeypatch):
-    monkeypatch.setattr(expert_head, "probe_lm_head", lambda *args: pytest.fail("probed"))
+    monkeypatch.setattr(head_choice, "probe_lm_head", lambda *args: pytest.fail("probed"))
     model = prepared(build_model("gemma2"), head="full_logits")
     expert_loss(model, expert_batch())
     assert model.chord_expert_head.choice == LMHeadProbe("full_logits", "set by chord_expert_head")

@@ -13,7 +13,7 @@ import transformers
 from helpers import PLAIN_SGD, chord_config, make_rl_prompts, odd_char_reward, weights
 
 from trl_chord import ChordTrainer
-from trl_chord.expert_head import add_expert_loss_head
+from trl_chord.expert_head.forward import add_expert_loss_head
 from trl_chord.losses import expert_sft_loss, token_weights
 
 

@@ -47,6 +47,24 @@ def test_the_core_needs_neither_the_demo_nor_the_optional_dependencies():
     assert [m for m in loaded if m.split(".")[1:2] in (["demo"], ["rewards"], ["recipes"], ["cli"])] == []
 
 
+def test_every_public_name_is_imported_from_where_type_checkers_are_told_it_is():
+    import ast
+
+    from helpers import async_grpo_unavailable
+
+    import trl_chord
+
+    tree = ast.parse(open(trl_chord.__file__).read())
+    (block,) = [node for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"]
+    declared = {(node.module, alias.name) for node in block.body for alias in node.names}
+    exported = {(module, name) for module, names in trl_chord._import_structure.items() for name in names}
+    assert declared == exported and len(exported) == len(trl_chord.__all__) == 13
+    for module, name in exported:
+        if module == "chord_async_grpo" and async_grpo_unavailable():
+            continue
+        assert getattr(trl_chord, name) is getattr(importlib.import_module(f"trl_chord.{module}"), name)
+
+
 def run(command, **kwargs):
     completed = run_bounded(command, timeout=900, **kwargs)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]

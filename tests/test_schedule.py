@@ -3,7 +3,7 @@ import math
 import pytest
 
 from trl_chord import chord_mu
-from trl_chord.schedule import chord_mu_is_ever_positive
+from trl_chord.schedule import MuSchedule
 
 
 def test_warmup_is_linear_from_zero_to_peak():
@@ -49,5 +49,26 @@ def test_warmup_without_decay_drops_to_valley():
     ],
 )
 def test_mu_ever_positive_matches_the_schedule(peak, valley, warmup, decay, expected):
-    assert chord_mu_is_ever_positive(peak, valley, warmup, decay) is expected
+    assert MuSchedule(peak, valley, warmup, decay).is_ever_positive() is expected
     assert any(chord_mu(step, peak, valley, warmup, decay) > 0 for step in range(20)) is expected
+
+
+def test_the_schedule_object_follows_the_step_or_the_reward_by_its_kind():
+    cosine = MuSchedule(peak=1.0, valley=0.5, warmup_steps=1, decay_steps=3)
+    assert cosine.mu == 0.0 and not cosine.adaptive and cosine.reaches_one()
+    cosine.observe_mean_reward(-5.0)  # rewards do not move the cosine schedule
+    assert cosine.mu == 0.0
+    cosine.start_step(1)
+    assert cosine.mu == chord_mu(1, 1.0, 0.5, 1, 3) == 1.0 and cosine.skips_on_policy_term()
+    cosine.start_step(2)
+    assert cosine.mu == pytest.approx(0.875) and not cosine.skips_on_policy_term()
+
+    adaptive = MuSchedule(peak=1.0, valley=1.0, adaptive_tau=0.75)
+    assert adaptive.mu == 0.0 and adaptive.adaptive and not adaptive.reaches_one()
+    adaptive.start_step(7)  # steps do not move the adaptive schedule
+    assert adaptive.mu == 0.0
+    adaptive.observe_mean_reward(0.25)
+    assert adaptive.mu == 0.5
+    adaptive.observe_mean_reward(-2.0)  # capped at 1, and still never skips: it needs every step's rollouts
+    assert adaptive.mu == 1.0 and not adaptive.skips_on_policy_term()
+    assert adaptive.is_ever_positive() and not MuSchedule(adaptive_tau=0.0).is_ever_positive()

@@ -1,3 +1,10 @@
+"""
+The expert term's behaviour, tested once through ChordTrainer (ChordMixin's code, shared by every CHORD trainer): the
+schedule, the metrics against an oracle, each aggregation and weighting, both backward modes, LoRA, bad input, several
+expert sources, the weak-term warning. What every CHORD trainer keeps against its TRL trainer is
+tests/test_trainer_contract.py.
+"""
+
 import json
 import logging
 import os
@@ -7,7 +14,6 @@ import pytest
 import torch
 from datasets import Dataset
 from helpers import (
-    COMMON_ARGS,
     PLAIN_SGD,
     chord_config,
     completion_logits,
@@ -15,7 +21,6 @@ from helpers import (
     logged,
     make_expert_dataset,
     make_expert_dataset_of_lengths,
-    make_rl_prompts,
     make_trainer,
     odd_char_reward,
     oracle_weights,
@@ -24,36 +29,9 @@ from helpers import (
     weights,
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl import GRPOConfig, GRPOTrainer
 
 from trl_chord import ChordConfig, ChordTrainer, chord_mu
 from trl_chord.checkpoints import CHORD_STATE_NAME
-
-
-# 1. mu = 0 is TRL's GRPOTrainer, bit for bit
-@pytest.mark.parametrize("with_expert_dataset", [False, True])
-def test_mu_zero_is_bit_identical_to_grpo(tiny_model_dir, tmp_path, with_expert_dataset):
-    grpo = GRPOTrainer(
-        model=tiny_model_dir,
-        reward_funcs=odd_char_reward,
-        args=GRPOConfig(output_dir=str(tmp_path / "grpo"), **COMMON_ARGS),
-        train_dataset=make_rl_prompts(),
-        processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
-    )
-    grpo.train()
-    args = chord_config(tmp_path, chord_mu_peak=0.0, chord_mu_valley=0.0)
-    chord = make_trainer(tiny_model_dir, args, make_expert_dataset() if with_expert_dataset else None)
-    chord.train()
-
-    assert logged(chord, "loss") == logged(grpo, "loss")
-    assert logged(chord, "reward") == logged(grpo, "reward")
-    assert logged(chord, "chord/mu") == [0.0, 0.0]
-    assert "chord/sft_loss" not in chord.state.log_history[0]
-    grpo_weights, chord_weights = weights(grpo), weights(chord)
-    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
-    assert any(not torch.equal(grpo_weights[name], initial[name]) for name in grpo_weights), "GRPO did not train"
-    for name, value in grpo_weights.items():
-        assert torch.equal(value, chord_weights[name]), name
 
 
 def test_expert_dataset_with_mu_always_zero_warns(tiny_model_dir, tmp_path, caplog):
@@ -65,37 +43,7 @@ def test_expert_dataset_with_mu_always_zero_warns(tiny_model_dir, tmp_path, capl
     assert trainer.expert_dataset is None
 
 
-# 2. mu = 1: one SGD step is exactly -lr * grad of the expert NLL, computed independently
-@pytest.mark.parametrize("weighting", ["uniform", "phi", "is", "focal", "entropy"])
-def test_mu_one_sgd_step_follows_the_expert_gradient(tiny_model_dir, tmp_path, weighting):
-    expert = make_expert_dataset(5)
-    lr = PLAIN_SGD["learning_rate"]
-    args = chord_config(
-        tmp_path,
-        chord_mu_peak=1.0,
-        chord_mu_valley=1.0,
-        chord_token_weighting=weighting,
-        chord_sft_per_device_train_batch_size=len(expert),  # the whole set: its token mean does not depend on order
-        temperature=0.7,  # rollouts are tempered, the SFT term must not be
-        **PLAIN_SGD,
-        max_steps=1,
-    )
-    trainer = make_trainer(tiny_model_dir, args, expert)
-    before = weights(trainer)
-    trainer.train()
-    after = weights(trainer)
-    grads = expert_nll_gradient(tiny_model_dir, expert, weighting)
-    assert set(grads) == set(after)
-    for name, grad in grads.items():
-        torch.testing.assert_close(after[name] - before[name], -lr * grad, rtol=1e-4, atol=1e-7, msg=name)
-    assert max(g.abs().max().item() for g in grads.values()) > 1e-4
-    assert logged(trainer, "chord/mu") == [1.0]
-    assert logged(trainer, "chord/expert_tokens") == [
-        sum(len(str(i + 1)) + 2 for i in range(5))
-    ]  # answer + <|im_end|>\n
-
-
-# 3. The logged mu follows the schedule step by step
+# The logged mu follows the schedule step by step
 def test_logged_mu_follows_the_schedule(tiny_model_dir, tmp_path):
     schedule = dict(chord_mu_peak=0.8, chord_mu_valley=0.2, chord_mu_warmup_steps=2, chord_mu_decay_steps=3)
     args = chord_config(tmp_path, max_steps=7, **schedule)
@@ -108,18 +56,6 @@ def test_logged_mu_follows_the_schedule(tiny_model_dir, tmp_path):
     sft_steps = [entry["step"] for entry in trainer.state.log_history if "chord/sft_loss" in entry]
     assert sft_steps == [2, 3, 4, 5, 6, 7]
     assert trainer.expert_sampler.examples_drawn == 6 * args.chord_sft_per_device_train_batch_size
-
-
-def test_adaptive_mu_follows_the_on_policy_reward(tiny_model_dir, tmp_path):
-    args = chord_config(tmp_path, chord_mu_schedule="adaptive", chord_adaptive_mu_tau=0.75, max_steps=6)
-    trainer = make_trainer(tiny_model_dir, args, make_expert_dataset())
-    trainer.train()
-    logs = [entry for entry in trainer.state.log_history if "chord/mu" in entry]
-    assert len(logs) == 6
-    for entry in logs:
-        assert entry["chord/mu"] == pytest.approx(min(1.0, max(0.0, 0.75 - entry["reward"])))
-        assert ("chord/sft_loss" in entry) == (entry["chord/mu"] > 0)
-    assert len({entry["chord/mu"] for entry in logs}) > 1
 
 
 def test_adaptive_mu_needs_an_expert_dataset(tiny_model_dir, tmp_path):
@@ -238,7 +174,7 @@ def test_expert_loss_falls_with_mu_one(tiny_model_dir, tmp_path):
     assert nll[-1] < nll[0] - 1.0
 
 
-# 5. LoRA, gradient accumulation, num_iterations, beta > 0, resume
+# LoRA, gradient accumulation, num_iterations, beta > 0
 def test_lora(tiny_model_dir, tmp_path):
     from peft import LoraConfig
 
@@ -354,36 +290,6 @@ def test_num_iterations_and_beta(tiny_model_dir, tmp_path):
     assert trainer.expert_sampler.examples_drawn == 2 * 2  # one expert micro-batch per micro-step
 
 
-def test_resume_continues_mu_and_expert_order(tiny_model_dir, tmp_path):
-    schedule = dict(
-        chord_mu_peak=0.9,
-        chord_mu_valley=0.1,
-        chord_mu_decay_steps=4,
-        max_steps=4,
-        save_steps=2,
-        save_strategy="steps",
-        chord_sft_per_device_train_batch_size=2,
-    )
-
-    def run(output, resume=None):
-        trainer = make_trainer(tiny_model_dir, chord_config(tmp_path / output, **schedule), make_expert_dataset(7))
-        drawn = recording_draws(trainer)
-        trainer.train(resume_from_checkpoint=resume)
-        return trainer, drawn
-
-    full, full_drawn = run("full")
-    checkpoint = tmp_path / "full" / "out" / "checkpoint-2"
-    assert json.loads((checkpoint / CHORD_STATE_NAME).read_text()) == {"expert_sampler": {"examples_drawn": 4}}
-    resumed, resumed_drawn = run("resumed", resume=str(checkpoint))
-    assert resumed_drawn == full_drawn[2:]
-    # The resumed run restores the log history up to the checkpoint, then logs steps 3 and 4 itself
-    assert logged(resumed, "chord/mu") == logged(full, "chord/mu")
-    assert logged(resumed, "chord/sft_loss") == logged(full, "chord/sft_loss")
-    full_weights, resumed_weights = weights(full), weights(resumed)
-    for name, value in full_weights.items():
-        torch.testing.assert_close(resumed_weights[name], value, rtol=0, atol=0, msg=name)
-
-
 def test_resume_from_a_checkpoint_without_chord_state_fails(tiny_model_dir, tmp_path):
     args = chord_config(tmp_path, max_steps=1, save_strategy="steps", save_steps=1)
     make_trainer(tiny_model_dir, args, make_expert_dataset()).train()
@@ -394,7 +300,7 @@ def test_resume_from_a_checkpoint_without_chord_state_fails(tiny_model_dir, tmp_
         make_trainer(tiny_model_dir, args, make_expert_dataset()).train(resume_from_checkpoint=str(checkpoint))
 
 
-# 6. Bad input: a clear error before training starts
+# Bad input: a clear error before training starts
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -414,19 +320,6 @@ def test_resume_from_a_checkpoint_without_chord_state_fails(tiny_model_dir, tmp_
 def test_bad_config_values(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         chord_config(tmp_path, **overrides)
-
-
-def test_grpo_config_is_refused_with_a_conversion_that_works(tiny_model_dir, tmp_path):
-    grpo_config = GRPOConfig(output_dir=str(tmp_path), **{**COMMON_ARGS, "gradient_accumulation_steps": 2})
-    with pytest.raises(TypeError, match="must be a `ChordConfig`") as refusal:
-        make_trainer(tiny_model_dir, grpo_config, make_expert_dataset())
-    # The conversion the message gives, run as written
-    assert "ChordConfig.from_grpo_config(grpo_config, chord_...=...)" in str(refusal.value)
-    converted = ChordConfig.from_grpo_config(grpo_config, chord_mu_valley=0.3)
-    assert converted.chord_mu_valley == 0.3
-    chord_options = {name for name in converted.to_dict() if name.startswith("chord_")}
-    assert {k: v for k, v in converted.to_dict().items() if k not in chord_options} == grpo_config.to_dict()
-    make_trainer(tiny_model_dir, converted, make_expert_dataset())
 
 
 def test_a_dataset_dict_is_refused_naming_its_splits(tiny_model_dir, tmp_path):
@@ -459,30 +352,6 @@ def test_optimizers_that_step_inside_the_backward_get_one_joint_backward(tiny_mo
     assert trainer.backward_expert_term_first == (optim == "adamw_torch")
 
 
-@pytest.mark.parametrize("gradient_accumulation_steps, fills_a_step", [(4, True), (5, False)])
-def test_too_few_rl_prompts_for_a_step_fail_before_training(
-    tiny_model_dir, tmp_path, gradient_accumulation_steps, fills_a_step
-):
-    # 16 prompts; a step takes 8 completions x gradient_accumulation_steps, 2 per prompt: 16 prompts, then 20
-    args = chord_config(
-        tmp_path,
-        per_device_train_batch_size=8,
-        num_generations=2,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        max_steps=1,
-    )
-    trainer = make_trainer(tiny_model_dir, args, expert_dataset=make_expert_dataset())
-    # The oracle: TRL's own dataloader, which has batches exactly when the prompts fill a generation batch
-    assert (len(trainer.get_train_dataloader()) > 0) == fills_a_step
-    if fills_a_step:
-        trainer.train()
-        assert trainer.state.global_step == 1
-    else:
-        with pytest.raises(ValueError, match="The RL dataset has 16 prompts, but an optimizer step needs 20"):
-            trainer.train()
-        assert trainer.state.global_step == 0
-
-
 @pytest.mark.parametrize(
     "setting",
     [{}, {"gradient_checkpointing": False}, {"gradient_checkpointing_kwargs": {"use_reentrant": False}}],
@@ -498,11 +367,6 @@ def test_gradient_checkpointing_settings_apply_without_a_deprecation_warning(tmp
     assert args.gradient_checkpointing is enabled and args.gradient_checkpointing_kwargs == kwargs
     assert getattr(args, "activation_checkpointing", enabled) is enabled  # transformers 5's own name, where it is
     assert getattr(args, "activation_checkpointing_kwargs", kwargs) == kwargs
-
-
-def test_grpo_config_is_refused(tiny_model_dir, tmp_path):
-    with pytest.raises(TypeError, match="must be a `ChordConfig`"):
-        make_trainer(tiny_model_dir, GRPOConfig(output_dir=str(tmp_path), **COMMON_ARGS), make_expert_dataset())
 
 
 def test_missing_expert_dataset(tiny_model_dir, tmp_path):
@@ -552,39 +416,6 @@ def test_conversational_expert_data_needs_a_chat_template(tiny_model_dir, tmp_pa
         )
 
 
-# 7. Steps with mu = 1 generate no rollouts and run no GRPO forward
-def test_mu_one_steps_skip_generation_and_the_grpo_forward(tiny_model_dir, tmp_path, monkeypatch):
-    grpo_forwards = []
-    grpo_compute_loss = GRPOTrainer.compute_loss
-    monkeypatch.setattr(
-        GRPOTrainer,
-        "compute_loss",
-        lambda self, *a, **k: grpo_forwards.append(self._step) or grpo_compute_loss(self, *a, **k),
-    )
-    # mu = 1 on steps 1 and 2 (warm-up to 1 ends at step 1, decay from 1 starts there), below 1 after
-    schedule = dict(chord_mu_peak=1.0, chord_mu_valley=0.5, chord_mu_warmup_steps=1, chord_mu_decay_steps=3)
-    expected_mu = [chord_mu(step, 1.0, 0.5, 1, 3) for step in range(5)]
-    assert expected_mu[:3] == [0.0, 1.0, pytest.approx(0.875)]
-    args = chord_config(
-        tmp_path, max_steps=5, gradient_accumulation_steps=2, per_device_train_batch_size=2, **schedule
-    )
-    trainer = make_trainer(tiny_model_dir, args, make_expert_dataset())
-    generations = []
-    generate = trainer._generate_and_score_completions
-    trainer._generate_and_score_completions = lambda inputs: generations.append(trainer._step) or generate(inputs)
-    trainer.train()
-
-    # Step 2 (micro-steps 2 and 3) has mu = 1: nothing generated, no GRPO forward; every other step one generation
-    # (steps_per_generation = gradient accumulation) and one GRPO forward per micro-step
-    assert logged(trainer, "chord/mu") == pytest.approx(expected_mu)
-    assert logged(trainer, "chord/grpo_skipped") == [0.0, 1.0, 0.0, 0.0, 0.0]
-    assert generations == [0, 4, 6, 8]
-    assert grpo_forwards == [0, 1, 4, 5, 6, 7, 8, 9]
-    step_logs = [entry for entry in trainer.state.log_history if "chord/mu" in entry]
-    assert "reward" not in step_logs[1] and "chord/grpo_loss" not in step_logs[1]
-    assert "chord/sft_loss" in step_logs[1] and "reward" in step_logs[2]
-
-
 def test_a_skipped_grpo_term_gives_the_update_computing_it_would(tiny_model_dir, tmp_path):
     # The same mu = 1 step with the GRPO term skipped and with it computed (and weighted 0): the same weights
     args = chord_config(tmp_path, chord_mu_peak=1.0, chord_mu_valley=1.0, max_steps=2, **PLAIN_SGD)
@@ -592,7 +423,7 @@ def test_a_skipped_grpo_term_gives_the_update_computing_it_would(tiny_model_dir,
     for skip in (True, False):
         trainer = make_trainer(tiny_model_dir, args, make_expert_dataset())
         if not skip:
-            trainer.grpo_term_skipped = lambda: False
+            trainer.on_policy_term_skipped = lambda: False
         trainer.train()
         assert logged(trainer, "chord/grpo_skipped") == ([1.0, 1.0] if skip else [0.0, 0.0])
         updated[skip] = weights(trainer)
@@ -600,7 +431,7 @@ def test_a_skipped_grpo_term_gives_the_update_computing_it_would(tiny_model_dir,
         torch.testing.assert_close(value, updated[False][name], rtol=0, atol=1e-6, msg=name)
 
 
-# 8. Several expert sources
+# Several expert sources
 def two_sources() -> dict[str, Dataset]:
     return {"add": make_expert_dataset(6), "repeat": make_expert_dataset_of_lengths([3, 8, 5, 2])}
 
@@ -716,14 +547,14 @@ def _strength_run(model_dir, tmp_path, name, weighting, max_steps, learning_rate
 
 def test_term_gradient_norms_are_measured_on_the_logged_steps_only(tiny_model_dir, tmp_path, monkeypatch):
     # The hooks cost a pass over the gradients per backward: only the micro-steps of logged optimizer steps pay it
-    from trl_chord.chord_trainer import TermGradientNorms
+    from trl_chord.chord_metrics import TermGradientNorms
 
     measured_steps = []
     measuring = TermGradientNorms.measuring
 
-    def counted(self):
+    def counted(self, term):
         measured_steps.append(trainer.state.global_step + 1)
-        return measuring(self)
+        return measuring(self, term)
 
     monkeypatch.setattr(TermGradientNorms, "measuring", counted)
     args = chord_config(tmp_path, chord_mu_valley=0.5, logging_steps=2, max_steps=4, gradient_accumulation_steps=2)

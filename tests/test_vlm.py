@@ -23,7 +23,7 @@ from trl_chord.expert_data import (
     prepare_expert_dataset,
     tokenize_expert_example,
 )
-from trl_chord.expert_head import add_expert_loss_head
+from trl_chord.expert_head.forward import add_expert_loss_head
 
 
 RED, GREEN, BLUE = (220, 30, 30), (30, 200, 40), (40, 50, 230)

@@ -1,57 +1,39 @@
 """CHORD for TRL: on-policy GRPO (or RLOO) mixed with an SFT term on expert demonstrations (arXiv 2508.11408)."""
 
+import importlib
 from typing import TYPE_CHECKING
 
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ChordAsyncGRPOConfig",
-    "ChordAsyncGRPOTrainer",
-    "ChordConfig",
-    "ChordMuCallback",
-    "ChordOptions",
-    "ChordRLOOConfig",
-    "ChordRLOOTrainer",
-    "ChordTrainer",
-    "adaptive_chord_mu",
-    "chord_mu",
-    "expert_sft_loss",
-    "phi_token_weights",
-    "token_weights",
-]
+# Each public name and its module, imported on first use: `import trl_chord` (and the `trl-chord` command's `configs`
+# and `prepare` listings) then loads neither torch nor TRL, nor TRL's experimental AsyncGRPOTrainer but for its names
+_import_structure = {
+    "callbacks": ["ChordMuCallback"],
+    "chord_async_grpo": ["ChordAsyncGRPOConfig", "ChordAsyncGRPOTrainer"],
+    "chord_config": ["ChordConfig", "ChordOptions"],
+    "chord_rloo": ["ChordRLOOConfig", "ChordRLOOTrainer"],
+    "chord_trainer": ["ChordTrainer"],
+    "losses": ["expert_sft_loss", "phi_token_weights", "token_weights"],
+    "schedule": ["adaptive_chord_mu", "chord_mu"],
+}
+_module_of = {name: module for module, names in _import_structure.items() for name in names}
+__all__ = sorted(_module_of)
 
-if TYPE_CHECKING:
-    from .callbacks import ChordMuCallback
-    from .chord_async_grpo import ChordAsyncGRPOConfig, ChordAsyncGRPOTrainer
-    from .chord_config import ChordConfig, ChordOptions
-    from .chord_rloo import ChordRLOOConfig, ChordRLOOTrainer
-    from .chord_trainer import ChordTrainer
-    from .losses import expert_sft_loss, phi_token_weights, token_weights
-    from .schedule import adaptive_chord_mu, chord_mu
+if TYPE_CHECKING:  # the same names, for type checkers
+    from .callbacks import ChordMuCallback  # noqa: F401
+    from .chord_async_grpo import ChordAsyncGRPOConfig, ChordAsyncGRPOTrainer  # noqa: F401
+    from .chord_config import ChordConfig, ChordOptions  # noqa: F401
+    from .chord_rloo import ChordRLOOConfig, ChordRLOOTrainer  # noqa: F401
+    from .chord_trainer import ChordTrainer  # noqa: F401
+    from .losses import expert_sft_loss, phi_token_weights, token_weights  # noqa: F401
+    from .schedule import adaptive_chord_mu, chord_mu  # noqa: F401
 
 
 def __getattr__(name: str):
-    # Each public name is imported on first use: `import trl_chord` (and the `trl-chord` command's `configs` and
-    # `prepare` listings, which import `trl_chord.recipes`) then loads neither torch nor TRL (nor TRL's experimental
-    # AsyncGRPOTrainer, for anything but the two async names).
-    if name in ("ChordConfig", "ChordOptions"):
-        from . import chord_config as module
-    elif name in ("ChordRLOOConfig", "ChordRLOOTrainer"):
-        from . import chord_rloo as module
-    elif name in ("ChordAsyncGRPOConfig", "ChordAsyncGRPOTrainer"):
-        from . import chord_async_grpo as module
-    elif name == "ChordMuCallback":
-        from . import callbacks as module
-    elif name == "ChordTrainer":
-        from . import chord_trainer as module
-    elif name in ("expert_sft_loss", "phi_token_weights", "token_weights"):
-        from . import losses as module
-    elif name in ("adaptive_chord_mu", "chord_mu"):
-        from . import schedule as module
-    else:
+    if name not in _module_of:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = globals()[name] = getattr(module, name)  # found directly from now on
+    value = globals()[name] = getattr(importlib.import_module(f".{_module_of[name]}", __name__), name)
     return value
 
 

@@ -10,6 +10,10 @@ import os
 import re
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
 
 
 CHORD_STATE_NAME = "chord_state.json"
@@ -55,3 +59,34 @@ def complete_checkpoints(output_dir: str, needs_chord_state: bool) -> tuple[list
         else:
             incomplete[checkpoint] = problem
     return complete, incomplete
+
+
+def resolved_checkpoint(resume_from_checkpoint: str | bool | None, output_dir: str, needs_chord_state: bool):
+    """What to resume from: `True` is the newest complete checkpoint in `output_dir` (incomplete ones skipped with a
+    warning); a path must be complete."""
+    if resume_from_checkpoint is True:
+        complete, incomplete = complete_checkpoints(output_dir, needs_chord_state)
+        for checkpoint, problem in incomplete.items():
+            logger.warning(f"Not resuming from {checkpoint}: {problem}.")
+        if not complete:
+            raise ValueError(f"No complete checkpoint to resume from in {output_dir}.")
+        return complete[0]
+    if isinstance(resume_from_checkpoint, str):
+        problem = checkpoint_problem(resume_from_checkpoint, needs_chord_state)
+        if problem is not None:
+            raise ValueError(f"Cannot resume from {resume_from_checkpoint}: {problem}.")
+    return resume_from_checkpoint
+
+
+def write_chord_state(output_dir: str, expert_sampler_state: dict) -> None:
+    """`chord_state.json`, written whole or not at all (through a temporary file)."""
+    temporary_path = os.path.join(output_dir, CHORD_STATE_NAME + ".tmp")
+    with open(temporary_path, "w") as file:
+        json.dump({"expert_sampler": expert_sampler_state}, file)
+    os.replace(temporary_path, os.path.join(output_dir, CHORD_STATE_NAME))
+
+
+def read_chord_state(checkpoint: str) -> dict:
+    """The expert sampler's state that `checkpoint`'s `chord_state.json` holds."""
+    with open(os.path.join(checkpoint, CHORD_STATE_NAME)) as file:
+        return json.load(file)["expert_sampler"]

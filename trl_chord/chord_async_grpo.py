@@ -31,18 +31,13 @@ logger = logging.get_logger(__name__)
 @dataclass
 class ChordAsyncGRPOConfig(ChordOptions, AsyncGRPOConfig):
     r"""
-    Configuration class for [`ChordAsyncGRPOTrainer`].
-
-    CHORD (arXiv 2508.11408) on TRL's asynchronous GRPO: `(1 - mu) * L_GRPO + mu * L_SFT`, with the GRPO loss
-    computed as [`~trl.experimental.async_grpo.AsyncGRPOTrainer`] computes it on the rollouts its worker produces, plus
-    a supervised loss on expert answers from a separate dataset. [`ChordAsyncGRPOConfig`] inherits every parameter of
-    [`~trl.experimental.async_grpo.AsyncGRPOConfig`] and adds the `chord_*` parameters of [`ChordOptions`], below,
-    exactly as [`ChordConfig`] does, except `chord_mu_schedule="adaptive"`: each micro-batch's rewards are known to
-    the main process alone (AsyncGRPOTrainer's collator scores them there), and mu must be the same on every process.
+    Configuration class for [`ChordAsyncGRPOTrainer`]: every parameter of
+    [`~trl.experimental.async_grpo.AsyncGRPOConfig`] and the `chord_*` ones of [`ChordOptions`], below, but
+    `chord_mu_schedule="adaptive"`: the rollouts' rewards reach the main process only, and mu must be alike on every
+    process.
     """
 
     _base_config = AsyncGRPOConfig
-    _conversion = "from_async_grpo_config"
 
     @classmethod
     def from_async_grpo_config(cls, async_grpo_config: AsyncGRPOConfig, **chord_options) -> "ChordAsyncGRPOConfig":
@@ -80,21 +75,9 @@ def packed_attention_inputs(lengths: list[int], device: torch.device) -> dict:
 
 class ChordAsyncGRPOTrainer(ChordMixin, AsyncGRPOTrainer):
     """
-    Trainer for CHORD on TRL's asynchronous GRPO: `loss = (1 - mu) * grpo_loss + mu * sft_loss` on every micro-step,
-    `grpo_loss` being AsyncGRPOTrainer's loss on the packed rollouts its worker produced.
-
-    It takes every argument of [`~trl.experimental.async_grpo.AsyncGRPOTrainer`] (a rollout worker and a weight-sync
-    backend included), plus `expert_dataset` (as [`ChordTrainer`] takes it; AsyncGRPOTrainer's processing class is a
-    tokenizer, which refuses expert examples with images). The expert term is
-    [`ChordTrainer`]'s, from the same code, on the training side only: the rollout worker, the weight sync (merged or
-    LoRA) and the rollout packing are AsyncGRPOTrainer's, unchanged.
-
-    On each micro-step every process draws `chord_sft_per_device_train_batch_size` expert examples from its own shard
-    and packs them into one row of independent sequences (padding-free, through the same packed attention as the
-    rollouts: [`packed_attention_inputs`]), of at most `chord_sft_per_device_train_batch_size * chord_sft_max_length`
-    tokens. Every process gets one rollout row per micro-step and mu depends on the optimizer step alone, so every
-    process runs the expert forward at the same micro-steps (FSDP's collectives stay matched). A step with `mu == 1`
-    runs no GRPO forward; its rollouts are drawn from the queue and dropped, since generation is the worker's.
+    Trainer for CHORD on TRL's asynchronous GRPO: [`~trl.experimental.async_grpo.AsyncGRPOTrainer`] plus the expert
+    term of [`ChordTrainer`] on the training side, each process's expert micro-batch packed into one row of
+    independent sequences ([`packed_attention_inputs`]); the rollout worker and the weight sync are TRL's, unchanged.
     """
 
     _chord_config = ChordAsyncGRPOConfig

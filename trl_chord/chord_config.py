@@ -1,4 +1,5 @@
 import json
+import re
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
@@ -79,6 +80,24 @@ CHORD_OPTIONS_DOC = """
             `"chunked"`, `"trl_fused"`: that head, refused with an error where the probe finds it inexact.
             `"full_logits"`: the model's own logits (exact by construction, costlier in memory; no probe).
 """
+
+
+def checked_chord_args(config_class: type, args, model, trainer_name: str):
+    """`args` checked to be a `config_class`, or its default for `model` when `None`; a TRL config is refused with the
+    conversion that makes it one (`from_grpo_config` for `ChordConfig`)."""
+    if args is None:
+        model_name = model if isinstance(model, str) else model.config._name_or_path
+        return config_class(f"{model_name.split('/')[-1]}-{trainer_name}")
+    if not isinstance(args, config_class):
+        base = config_class._base_config.__name__
+        # The conversion's name is the base config's in snake case: GRPOConfig, from_grpo_config
+        argument = re.sub(r"(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", base).lower()
+        raise TypeError(
+            f"`args` must be a `{config_class.__name__}` (a `{base}` with the chord_* options), got "
+            f"{type(args).__name__}. "
+            f"Build it with `{config_class.__name__}.from_{argument}({argument}, chord_...=...)`."
+        )
+    return args
 
 
 def documented(config_class: type) -> type:
@@ -192,9 +211,8 @@ class ChordOptions:
         },
     )
 
-    # The trainer's own config and the name of the classmethod that converts one (set by each CHORD config)
+    # The trainer's own config (set by each CHORD config, whose `from_<its snake-case name>` converts one)
     _base_config: ClassVar[type | None] = None
-    _conversion: ClassVar[str | None] = None
 
     @classmethod
     def _from_base_config(cls, base_config, derived: tuple[str, ...] = (), **chord_options):
@@ -207,6 +225,21 @@ class ChordOptions:
         return cls(**options, **chord_options)
 
     def __post_init__(self):
+        self._check_schedule_and_sizes()
+        self._check_expert_term_options()
+        # transformers 5.x renamed `gradient_checkpointing(_kwargs)` to `activation_checkpointing(_kwargs)` and warns
+        # whenever the old name is set, which GRPOConfig does by default (True) and the shipped configs do (the old
+        # name is the only one transformers 4 knows). Passed on under the new name, where there is one, the setting
+        # is the same and nothing warns; a value given under the new name wins, as in transformers.
+        for old, new in (
+            ("gradient_checkpointing", "activation_checkpointing"),
+            ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
+        ):
+            if hasattr(self, new) and getattr(self, new) is None and getattr(self, old) is not None:
+                setattr(self, new, getattr(self, old))
+        super().__post_init__()
+
+    def _check_schedule_and_sizes(self) -> None:
         for name in ("chord_mu_peak", "chord_mu_valley"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -229,6 +262,10 @@ class ChordOptions:
             raise ValueError(f"`chord_mu_schedule` must be 'cosine' or 'adaptive', got {self.chord_mu_schedule!r}.")
         if self.chord_adaptive_mu_tau < 0:
             raise ValueError(f"`chord_adaptive_mu_tau` must be >= 0, got {self.chord_adaptive_mu_tau}.")
+
+    def _check_expert_term_options(self) -> None:
+        """Checks the expert term's options; parses `chord_sft_dataset_proportions` given as JSON and resolves
+        `chord_token_weighting` from `chord_enable_phi_function` (and back)."""
         if isinstance(self.chord_sft_dataset_proportions, str):
             self.chord_sft_dataset_proportions = json.loads(self.chord_sft_dataset_proportions)
         if self.chord_sft_dataset_proportions is not None:
@@ -264,17 +301,6 @@ class ChordOptions:
                 f"`chord_token_weighting` must be one of {TOKEN_WEIGHTINGS}, got {self.chord_token_weighting!r}."
             )
         self.chord_enable_phi_function = self.chord_token_weighting == "phi"
-        # transformers 5.x renamed `gradient_checkpointing(_kwargs)` to `activation_checkpointing(_kwargs)` and warns
-        # whenever the old name is set, which GRPOConfig does by default (True) and the shipped configs do (the old
-        # name is the only one transformers 4 knows). Passed on under the new name, where there is one, the setting
-        # is the same and nothing warns; a value given under the new name wins, as in transformers.
-        for old, new in (
-            ("gradient_checkpointing", "activation_checkpointing"),
-            ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
-        ):
-            if hasattr(self, new) and getattr(self, new) is None and getattr(self, old) is not None:
-                setattr(self, new, getattr(self, old))
-        super().__post_init__()
 
 
 @documented
@@ -289,7 +315,6 @@ class ChordConfig(ChordOptions, GRPOConfig):
     """
 
     _base_config = GRPOConfig
-    _conversion = "from_grpo_config"
 
     @classmethod
     def from_grpo_config(cls, grpo_config: GRPOConfig, **chord_options) -> "ChordConfig":

@@ -1,20 +1,9 @@
-"""
-CHORD's expert term, written once for every TRL online trainer it extends.
+"""CHORD's expert term, written once for the TRL trainers it extends: `ChordTrainer(ChordMixin, GRPOTrainer)`."""
 
-A CHORD trainer is [`ChordMixin`] in front of a TRL trainer, `class ChordTrainer(ChordMixin, GRPOTrainer)`: the mixin
-owns everything about the expert term (its data and sampler, the mu schedule and its callback, the token weightings and
-aggregation through the expert LM head, the mixing into the trainer's loss, the metrics, the checkpoint state and the
-skip of the on-policy term at `mu == 1`), and reads from the trainer only what every TRL online trainer has:
-`compute_loss` giving the on-policy loss of a micro-batch, `loss_is_scaled_for_ga`, `_metrics`, `aux_loss_enabled` and
-`router_aux_loss_coef`. What differs between trainers is a few class attributes and two small methods
-([`_rollout_advantages`], [`_expert_model_inputs`]).
-"""
-
-import json
 import math
-import os
 import textwrap
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 from accelerate.utils import DistributedType, is_peft_model
@@ -25,32 +14,29 @@ from transformers.training_args import OptimizerNames
 from transformers.utils import logging
 
 from .callbacks import ChordMuCallback, WeakExpertTermCallback
-from .checkpoints import CHORD_STATE_NAME, checkpoint_problem, complete_checkpoints
+from .checkpoints import read_chord_state, resolved_checkpoint, write_chord_state
+from .chord_config import checked_chord_args
+from .chord_metrics import (
+    TermGradientNorms,
+    expert_source_metrics,
+    expert_term_metrics,
+    expert_term_sums,
+    on_policy_term_metrics,
+)
 from .expert_data import (
-    ExpertMixtureSampler,
-    ExpertSampler,
     collate_expert_batch,
     collate_expert_images,
     prepare_expert_dataset,
+    prepare_expert_sources,
 )
-from .expert_head import LMHeadProbe, add_expert_loss_head
-from .losses import HIGH_PROB, LOW_PROB, ExpertLossOutput, expert_term_strength
-from .schedule import chord_mu_is_ever_positive
+from .expert_head.choice import LMHeadProbe
+from .expert_head.forward import add_expert_loss_head, expert_loss
+from .expert_sampler import ExpertMixtureSampler, ExpertSampler
+from .losses import ExpertLossOutput
+from .schedule import MuSchedule
 
 
 logger = logging.get_logger(__name__)
-
-# The sums of an `ExpertLossOutput` that the expert term's metrics are made of, reduced over processes
-EXPERT_METRIC_SUMS = (
-    "nll_sum",
-    "prob_sum",
-    "weight_sum",
-    "num_tokens",
-    "scaled_weight_sum",
-    "scale_sum",
-    "low_prob_tokens",
-    "high_prob_tokens",
-)
 
 CHORD_PAPER = {
     "title": "On-Policy RL Meets Off-Policy Experts: Harmonizing Supervised Fine-Tuning and Reinforcement "
@@ -69,43 +55,11 @@ CHORD_PAPER = {
 }
 
 
-class TermGradientNorms:
-    """
-    The squared norm of the gradient each term sends to the trainable parameters in one micro-step, summed by a hook
-    on each parameter while [`measuring`] is active: `term` names the term whose backward runs now (`"expert"` or the
-    on-policy term's name, `on_policy_term`). It needs the terms' backwards to be separate (the expert term's first); a
-    hook sees the gradient before it is accumulated into `.grad` (and, under DDP, before the all-reduce).
-    """
-
-    def __init__(self, parameters, on_policy_term: str = "grpo"):
-        self.parameters = [param for param in parameters if param.requires_grad]
-        self.on_policy_term = on_policy_term
-        self.term = on_policy_term
-        self.squared: dict[str, torch.Tensor] = {}
-
-    def _add(self, grad: torch.Tensor) -> None:
-        squared = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).square()
-        self.squared[self.term] = self.squared[self.term] + squared if self.term in self.squared else squared
-
-    @contextmanager
-    def measuring(self):
-        self.term, self.squared = self.on_policy_term, {}
-        handles = [param.register_hook(self._add) for param in self.parameters]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-
-
 def expert_backward_runs_first(distributed_type: DistributedType, optim: str) -> bool:
     """
-    Whether the expert term is backpropagated on its own, before the on-policy forward: that frees its graph and folds
-    its gradient into `.grad` before the on-policy graph exists, so the step's peak memory is that of the larger term.
-    Not under DeepSpeed or FSDP, which own the backward (one per micro-step), nor with optimizers that step inside the
-    backward (LOMO, AdaLOMO and the `*_layerwise` GaLore and APOLLO ones, which step each parameter from a hook on its
-    gradient): a second backward would be a second optimizer step, on the expert gradient alone. There the two terms
-    share one backward.
+    Whether the expert term gets a backward of its own before the on-policy forward (its graph freed first, so the
+    step's peak is the larger term's). Not under DeepSpeed or FSDP, which own the backward, nor with optimizers that
+    step inside it (LOMO, AdaLOMO, the `*_layerwise` ones): a second backward would be a second optimizer step.
     """
     steps_in_backward = optim in (OptimizerNames.LOMO, OptimizerNames.ADALOMO) or getattr(
         optim, "value", optim
@@ -115,10 +69,9 @@ def expert_backward_runs_first(distributed_type: DistributedType, optim: str) ->
 
 def check_prompts_fill_a_step(num_prompts: int, args) -> None:
     """
-    Raises a `ValueError` when `num_prompts` RL prompts give no optimizer step. GRPOTrainer's and RLOOTrainer's sampler
-    draws the prompts in generation batches of `generation_batch_size // num_generations` distinct prompts and drops an
-    incomplete last one, and nothing trains before a generation batch is complete: with fewer prompts than one, the
-    Trainer would end "training" at once, without a step and without a word.
+    A `ValueError` when `num_prompts` RL prompts give no optimizer step: GRPOTrainer's and RLOOTrainer's sampler drops
+    an incomplete generation batch of `generation_batch_size // num_generations` prompts, and the Trainer would end
+    "training" at once, without a word.
     """
     needed = args.generation_batch_size // args.num_generations
     if num_prompts < needed:
@@ -131,25 +84,20 @@ def check_prompts_fill_a_step(num_prompts: int, args) -> None:
         )
 
 
+class ExpertTerm(NamedTuple):
+    """One micro-step's expert term: the loss and its metric sums, each source's NLL sum and token count (with several
+    sources), and `mu` times the loss on the trainer's loss scale (detached once its own backward has run)."""
+
+    output: ExpertLossOutput
+    per_source: torch.Tensor | None
+    weighted: torch.Tensor
+
+
 class ChordMixin:
     """
-    CHORD's expert term for a TRL online trainer: `loss = (1 - mu) * on_policy_loss + mu * sft_loss` on every training
-    micro-step, `on_policy_loss` being what the trainer's own `compute_loss` returns for the micro-batch.
-
-    It takes every argument of the trainer it extends, plus `expert_dataset` (see [`ChordTrainer`]). At each training
-    micro-step, each process draws one micro-batch of `args.chord_sft_per_device_train_batch_size` expert examples from
-    its own shard and adds its SFT loss, on the scale of the trainer's own loss (divided by the gradient-accumulation
-    steps where the trainer divides its own, `loss_is_scaled_for_ga`). When `mu` is 0 for a step, no expert forward
-    runs; when it is 1 under the cosine schedule, the on-policy term is left out (and, in trainers that generate their
-    own rollouts, their generation too). `mu` depends on the optimizer step alone, so every process makes each of these
-    choices alike and runs the expert forward at the same micro-steps.
-
-    Class attributes a CHORD trainer sets:
-
-    - `_chord_config`: its config class, a [`ChordOptions`] in front of the trainer's config.
-    - `_on_policy_term`: the on-policy term's name in metrics and messages (`"grpo"`: `chord/grpo_loss`, ...).
-    - `_generates_rollouts`: whether the trainer generates its rollouts itself, in `_prepare_inputs`, buffered in
-      `_buffered_inputs` (GRPOTrainer, RLOOTrainer), rather than receiving them from a worker.
+    `loss = (1 - mu) * on_policy_loss + mu * sft_loss` on every training micro-step of a TRL online trainer, whose own
+    `compute_loss` gives `on_policy_loss`. A CHORD trainer sets `_chord_config` (its config class), `_on_policy_term`
+    (the term's name in metrics) and `_generates_rollouts` (its `_prepare_inputs` generates them, buffered).
     """
 
     _chord_config: type
@@ -158,95 +106,18 @@ class ChordMixin:
     _paper = CHORD_PAPER
 
     def __init__(self, model, reward_funcs=None, args=None, *trainer_args, expert_dataset=None, **trainer_kwargs):
-        config_class = self._chord_config
-        if args is None:
-            model_name = model if isinstance(model, str) else model.config._name_or_path
-            args = config_class(f"{model_name.split('/')[-1]}-{self._name}")
-        elif not isinstance(args, config_class):
-            base = config_class._base_config.__name__
-            argument = config_class._conversion.removeprefix("from_")
-            raise TypeError(
-                f"`args` must be a `{config_class.__name__}` (a `{base}` with the chord_* options), got "
-                f"{type(args).__name__}. "
-                f"Build it with `{config_class.__name__}.{config_class._conversion}({argument}, chord_...=...)`."
-            )
-        if isinstance(expert_dataset, (DatasetDict, IterableDatasetDict)):
-            raise ValueError(
-                f"`expert_dataset` is a `DatasetDict` with the splits {list(expert_dataset)}, not one dataset: pick "
-                "the split of expert demonstrations (`load_dataset(..., split='train')` or `dataset_dict['train']`). "
-                "To mix several datasets as sources on purpose, pass a plain dict, `{name: Dataset, ...}`."
-            )
-        if args.chord_mu_schedule == "adaptive":
-            mu_ever_positive = args.chord_adaptive_mu_tau > 0
-        else:
-            mu_ever_positive = chord_mu_is_ever_positive(
-                args.chord_mu_peak, args.chord_mu_valley, args.chord_mu_warmup_steps, args.chord_mu_decay_steps
-            )
-        if mu_ever_positive and expert_dataset is None:
-            if args.chord_mu_schedule == "adaptive":
-                schedule = f"chord_mu_schedule='adaptive', chord_adaptive_mu_tau={args.chord_adaptive_mu_tau}"
-            else:
-                schedule = f"chord_mu_peak={args.chord_mu_peak}, chord_mu_valley={args.chord_mu_valley}"
-            raise ValueError(
-                f"The CHORD schedule gives mu > 0 at some step ({schedule}), but no `expert_dataset` was given. Pass "
-                "`expert_dataset=...`, or set chord_mu_peak=chord_mu_valley=0 for plain "
-                f"{self._on_policy_term.upper()}."
-            )
-        if not mu_ever_positive and (expert_dataset is not None or args.chord_sft_dataset_proportions is not None):
-            unused = "the `expert_dataset`" if expert_dataset is not None else "`chord_sft_dataset_proportions`"
-            logger.warning(
-                f"mu is 0 at every step (chord_mu_peak and chord_mu_valley are 0), so {unused} is never used and "
-                f"this run is plain {self._on_policy_term.upper()}."
-            )
-            expert_dataset = None
-
+        args = checked_chord_args(self._chord_config, args, model, self._name)
+        self.mu_schedule = MuSchedule.from_options(args)
+        expert_dataset = self._used_expert_dataset(expert_dataset, args)
         super().__init__(model, reward_funcs, args, *trainer_args, **trainer_kwargs)
 
-        self.mu_callback = ChordMuCallback(
-            args.chord_mu_peak,
-            args.chord_mu_valley,
-            args.chord_mu_warmup_steps,
-            args.chord_mu_decay_steps,
-            adaptive_tau=args.chord_adaptive_mu_tau if args.chord_mu_schedule == "adaptive" else None,
-        )
-        self.add_callback(self.mu_callback)
-        if mu_ever_positive:
+        self.add_callback(ChordMuCallback(self.mu_schedule))
+        if self.mu_schedule.is_ever_positive():
             self.add_callback(WeakExpertTermCallback())
         self._warned_zero_advantages = False
         self._logged_on_policy_skip = False
         self._chord_micro_steps = 0
-        self.skips_on_policy_term_at_mu_one = (
-            args.chord_mu_schedule == "cosine" and max(args.chord_mu_peak, args.chord_mu_valley) >= 1
-        )
-        self.expert_dataset = None
-        self.expert_sampler = None
-        self.expert_source_names = None
-        if (
-            mu_ever_positive
-            and args.chord_sft_dataset_proportions is not None
-            and not isinstance(expert_dataset, dict)
-        ):
-            raise ValueError(
-                "`chord_sft_dataset_proportions` is set, but `expert_dataset` is not a dict of named datasets: give "
-                "`expert_dataset={name: dataset, ...}` with the names the proportions use."
-            )
-        if isinstance(expert_dataset, dict):
-            self._prepare_expert_sources(expert_dataset, args)
-        elif expert_dataset is not None:
-            with self.accelerator.main_process_first():
-                self.expert_dataset = prepare_expert_dataset(
-                    expert_dataset,
-                    self.processing_class,
-                    max_length=args.chord_sft_max_length,
-                    image_token_id=self._image_token_id(),
-                )
-            self.expert_sampler = ExpertSampler(
-                len(self.expert_dataset),
-                batch_size=args.chord_sft_per_device_train_batch_size,
-                num_replicas=self.accelerator.num_processes,
-                rank=self.accelerator.process_index,
-                seed=args.seed,
-            )
+        self._prepare_expert_data(expert_dataset, args)
         if self.expert_dataset is not None:
             add_expert_loss_head(
                 self.model.get_base_model() if is_peft_model(self.model) else self.model,
@@ -261,12 +132,38 @@ class ChordMixin:
                 packed_inputs=self._packed_attention_inputs(),
             )
         self.backward_expert_term_first = expert_backward_runs_first(self.accelerator.distributed_type, args.optim)
-        self.term_gradient_norms = TermGradientNorms(self.model.parameters(), self._on_policy_term)
+        self.term_gradient_norms = TermGradientNorms(self.model.parameters())
+
+    def _used_expert_dataset(self, expert_dataset, args):
+        """`expert_dataset`, checked against the schedule: required where mu is ever > 0, dropped with a warning where
+        it never is."""
+        if isinstance(expert_dataset, (DatasetDict, IterableDatasetDict)):
+            raise ValueError(
+                f"`expert_dataset` is a `DatasetDict` with the splits {list(expert_dataset)}, not one dataset: pick "
+                "the split of expert demonstrations (`load_dataset(..., split='train')` or `dataset_dict['train']`). "
+                "To mix several datasets as sources on purpose, pass a plain dict, `{name: Dataset, ...}`."
+            )
+        term = self._on_policy_term.upper()
+        if self.mu_schedule.is_ever_positive():
+            if expert_dataset is None:
+                raise ValueError(
+                    f"The CHORD schedule gives mu > 0 at some step ({self.mu_schedule.describe()}), but no "
+                    f"`expert_dataset` was given. Pass `expert_dataset=...`, or set chord_mu_peak=chord_mu_valley=0 "
+                    f"for plain {term}."
+                )
+            return expert_dataset
+        if expert_dataset is not None or args.chord_sft_dataset_proportions is not None:
+            unused = "the `expert_dataset`" if expert_dataset is not None else "`chord_sft_dataset_proportions`"
+            logger.warning(
+                f"mu is 0 at every step (chord_mu_peak and chord_mu_valley are 0), so {unused} is never used and "
+                f"this run is plain {term}."
+            )
+        return None
 
     @property
     def chord_mu(self) -> float:
         """Weight of the SFT term for the current optimizer step."""
-        return self.mu_callback.mu
+        return self.mu_schedule.mu
 
     @property
     def chord_expert_head(self) -> LMHeadProbe | None:
@@ -275,39 +172,35 @@ class ChordMixin:
         head = getattr(model, "chord_expert_head", None)
         return None if head is None else head.choice
 
-    def _prepare_expert_sources(self, sources: dict, args) -> None:
-        """Tokenize several named expert datasets into one, and mix them with an [`ExpertMixtureSampler`]."""
-        if not sources:
-            raise ValueError("`expert_dataset` is an empty dict: give at least one named dataset.")
-        prepared = {}
-        with self.accelerator.main_process_first():
-            for name, dataset in sources.items():
-                try:
-                    prepared[name] = prepare_expert_dataset(
-                        dataset,
-                        self.processing_class,
-                        max_length=args.chord_sft_max_length,
-                        source=name,
-                        image_token_id=self._image_token_id(),
-                    )
-                except (TypeError, ValueError) as error:
-                    raise type(error)(f"Expert source {name!r}: {error}") from error
-        proportions = args.chord_sft_dataset_proportions or {name: len(data) for name, data in prepared.items()}
-        if set(proportions) != set(prepared):
+    def _prepare_expert_data(self, expert_dataset, args) -> None:
+        """Tokenize the expert data (one dataset, or a dict of named sources) and make its sampler."""
+        self.expert_dataset = self.expert_sampler = self.expert_source_names = None
+        proportions = args.chord_sft_dataset_proportions
+        if self.mu_schedule.is_ever_positive() and proportions is not None and not isinstance(expert_dataset, dict):
             raise ValueError(
-                f"`chord_sft_dataset_proportions` names the sources {sorted(proportions)}, but `expert_dataset` has "
-                f"{sorted(prepared)}: give a proportion for each source, and only for those."
+                "`chord_sft_dataset_proportions` is set, but `expert_dataset` is not a dict of named datasets: give "
+                "`expert_dataset={name: dataset, ...}` with the names the proportions use."
             )
-        self.expert_source_names = list(prepared)
-        self.expert_dataset = concatenate_datasets(list(prepared.values()))
-        self.expert_sampler = ExpertMixtureSampler(
-            {name: len(data) for name, data in prepared.items()},
-            proportions,
+        if expert_dataset is None:
+            return
+        tokenized = dict(max_length=args.chord_sft_max_length, image_token_id=self._image_token_id())
+        sampling = dict(
             batch_size=args.chord_sft_per_device_train_batch_size,
             num_replicas=self.accelerator.num_processes,
             rank=self.accelerator.process_index,
             seed=args.seed,
         )
+        if not isinstance(expert_dataset, dict):
+            with self.accelerator.main_process_first():
+                self.expert_dataset = prepare_expert_dataset(expert_dataset, self.processing_class, **tokenized)
+            self.expert_sampler = ExpertSampler(len(self.expert_dataset), **sampling)
+            return
+        with self.accelerator.main_process_first():
+            sources = prepare_expert_sources(expert_dataset, self.processing_class, **tokenized)
+        sizes = {name: len(source) for name, source in sources.items()}
+        self.expert_sampler = ExpertMixtureSampler(sizes, proportions or sizes, **sampling)
+        self.expert_source_names = list(sources)
+        self.expert_dataset = concatenate_datasets(list(sources.values()))
 
     def _image_token_id(self) -> int | None:
         """The placeholder token of an image's features, for a vision-language policy (the config entry TRL reads)."""
@@ -316,16 +209,13 @@ class ChordMixin:
         return getattr(self.model.config, "image_token_id", None)
 
     def _packed_attention_inputs(self):
-        """
-        For a trainer whose model attends over sequences packed into one row (AsyncGRPOTrainer's tree attention): the
-        function giving the forward's extra inputs for packed sequences of given lengths ([`add_expert_loss_head`]'s
-        `packed_inputs`). `None`: the model takes padded batches with an attention mask.
-        """
+        """`packed_inputs` of [`add_expert_loss_head`], for a model that attends over sequences packed into one row;
+        `None`: padded rows with an attention mask."""
         return None
 
     def _next_expert_batch(self) -> dict[str, torch.Tensor]:
-        """The next expert micro-batch: token ids and masks, the source of each example with several sources, and
-        for a vision-language policy the image inputs of its examples' images."""
+        """The next expert micro-batch: token ids and masks, each example's source (with several sources), and the
+        image inputs of its examples' images (for a vision-language policy)."""
         indices = self.expert_sampler.next_batch()
         examples = [self.expert_dataset[index] for index in indices]
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
@@ -337,8 +227,7 @@ class ChordMixin:
         return {name: tensor.to(self.accelerator.device) for name, tensor in batch.items()}
 
     def _expert_model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The expert forward's inputs for an expert micro-batch: its padded rows, their images, and the labels of
-        their completion tokens (-100 elsewhere)."""
+        """The expert forward's inputs: the padded rows, their image inputs, the labels of the completion tokens."""
         # Pixel values, image grids or sizes, token types: whatever the processor gave for the micro-batch's images
         image_inputs = {
             name: value
@@ -353,22 +242,16 @@ class ChordMixin:
         }
 
     def _expert_loss(self, model) -> tuple[ExpertLossOutput, torch.Tensor | None]:
-        """
-        The expert SFT loss of one micro-batch, plus the router load-balancing loss as the trainer adds its own to the
-        on-policy term; and, with several sources, each source's NLL sum and token count (a `(2, num_sources)` tensor).
-        """
+        """The SFT loss of the next expert micro-batch (with the router aux loss where the trainer adds its own), and
+        each source's NLL sum and token count, `(2, num_sources)`, with several sources."""
         batch = self._next_expert_batch()
         # MoE models: request the router logits exactly when the trainer does for the on-policy term
         moe_kwargs = {"output_router_logits": True} if self.aux_loss_enabled else {}
         with self.accelerator.autocast():
-            expert = model(
-                **self._expert_model_inputs(batch),
-                chord_expert_loss=True,
-                # When the backward comes at once, the head computes its gradient in the forward; else it recomputes
-                # in the backward, so that no (vocab, hidden) gradient is held through the on-policy pass
-                chord_head_gradient_in_forward=self.backward_expert_term_first,
-                **moe_kwargs,
-            )
+            # When the backward comes at once, the head computes its gradient in the forward; else it recomputes in
+            # the backward, so that no (vocab, hidden) gradient is held through the on-policy pass
+            gradient_in_forward = self.backward_expert_term_first
+            expert = expert_loss(model, self._expert_model_inputs(batch), gradient_in_forward, **moe_kwargs)
         if self.aux_loss_enabled:
             expert.loss = expert.loss + self.router_aux_loss_coef * expert.aux_loss
         per_source = None
@@ -378,17 +261,28 @@ class ChordMixin:
             per_source.index_add_(1, batch["source"].to(rows.device), rows)
         return expert, per_source
 
+    def _expert_term(self, model, mu: float, own_backward: bool) -> ExpertTerm:
+        """The expert term of the micro-step; with `own_backward` it is backpropagated here, before the on-policy
+        forward (why here and not in `training_step`: see there)."""
+        if not own_backward:
+            expert, per_source = self._expert_loss(model)
+            return ExpertTerm(expert, per_source, self._on_trainer_loss_scale(mu * expert.loss))
+        # Under DDP the gradients are all-reduced once, by the on-policy backward, over both terms' sum
+        with self.accelerator.no_sync(model):
+            expert, per_source = self._expert_loss(model)
+            weighted = mu * expert.loss
+            with self.term_gradient_norms.attributed_to("expert"):
+                # Scaled as `Trainer.training_step` scales the backward of the loss `compute_loss` returns
+                self.accelerator.backward(weighted / self.current_gradient_accumulation_steps)
+        return ExpertTerm(expert, per_source, self._on_trainer_loss_scale(weighted.detach()))
+
     def on_policy_term_skipped(self) -> bool:
-        """
-        Whether this training step leaves out the on-policy term: `mu == 1` under the cosine schedule gives it weight
-        0, so its forward does not run (nor, in a trainer that generates its own rollouts, their generation and
-        scoring). `mu` depends only on the step, so every process decides alike. (The adaptive schedule needs every
-        step's rollouts to set `mu`, so it never skips.)
-        """
-        return self.model.training and self.mu_callback.adaptive_tau is None and self.chord_mu >= 1.0
+        """Whether this training step leaves out the on-policy term (and the generation of its rollouts): `mu == 1`
+        under the cosine schedule, the same on every process."""
+        return self.mu_schedule.skips_on_policy_term()
 
     def _prepare_inputs(self, generation_batch):
-        if self.on_policy_term_skipped():
+        if self.model.training and self.on_policy_term_skipped():
             if self._generates_rollouts:
                 # The buffered rollouts are dropped: the next step that trains on rollouts generates them afresh
                 self._buffered_inputs = None
@@ -412,68 +306,46 @@ class ChordMixin:
         return inputs["advantages"]
 
     def _on_trainer_loss_scale(self, term: torch.Tensor) -> torch.Tensor:
-        """A micro-step's term on the scale of the loss the trainer's `compute_loss` returns: divided by the
-        accumulation steps where the trainer divides its own (`loss_is_scaled_for_ga`), else as it is (then
-        `Trainer.training_step` divides the returned loss)."""
+        """`term` on the scale of the trainer's own `compute_loss`: divided by the accumulation steps where it divides
+        its own (`loss_is_scaled_for_ga`); else `Trainer.training_step` divides the returned loss."""
         return term / self.current_gradient_accumulation_steps if self.loss_is_scaled_for_ga else term
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        mu, skipped = self.chord_mu, self.on_policy_term_skipped()
+        # mu depends only on the step, so every process makes the same choices here: no collective is left waiting
+        expert = None
+        if mu > 0:  # its own backward, where it has one, runs in there: why, see `training_step`
+            expert = self._expert_term(model, mu, own_backward=self.backward_expert_term_first and not skipped)
+        on_policy_loss = None if skipped else super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        self._log_micro_step(mu, on_policy_loss, inputs, expert)
+        if skipped:
+            return expert.weighted
+        return on_policy_loss if expert is None else (1.0 - mu) * on_policy_loss + expert.weighted
 
-        mu = self.chord_mu
-        skip_on_policy = self.on_policy_term_skipped()
-        accumulation_steps = self.current_gradient_accumulation_steps
-        # mu depends only on the step, so every process makes the same choice here: no collective is left waiting
-        if mu > 0 and self.backward_expert_term_first and not skip_on_policy:
-            # Under DDP the gradients are all-reduced once, by the on-policy backward, over both terms' sum
-            with self.accelerator.no_sync(model):
-                expert, per_source = self._expert_loss(model)
-                expert_term = mu * expert.loss
-                # Scaled as `training_step` scales the backward of the loss returned below, so both terms are alike
-                self.term_gradient_norms.term = "expert"
-                self.accelerator.backward(expert_term / accumulation_steps)
-                self.term_gradient_norms.term = self._on_policy_term
-            expert_term = self._on_trainer_loss_scale(expert_term.detach())
-        elif mu > 0:
-            expert, per_source = self._expert_loss(model)
-            expert_term = self._on_trainer_loss_scale(mu * expert.loss)
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """
+        The trainer's step: its `_prepare_inputs` (the rollouts), `compute_loss`, and one backward of the loss it
+        returns, the on-policy term's (both terms' in a joint backward; the expert term's where `mu == 1` skips the
+        on-policy term); with each term's gradient norm measured on logged steps.
 
-        stats = []
-        if skip_on_policy:
-            loss = expert_term
-            self.term_gradient_norms.term = "expert"  # the backward of the returned loss is the expert term's
-        else:
-            on_policy_loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            advantages = self._rollout_advantages(inputs)
-            logged_loss = on_policy_loss.detach()
-            stats += [
-                logged_loss * accumulation_steps if self.loss_is_scaled_for_ga else logged_loss,
-                (advantages != 0).sum(),
-                torch.tensor(advantages.numel()),
-            ]
-            loss = (1.0 - mu) * on_policy_loss + expert_term if mu > 0 else on_policy_loss
-        if mu > 0:
-            stats += [expert.loss.detach(), *(expert[name] for name in EXPERT_METRIC_SUMS)]
-            if self.aux_loss_enabled:
-                stats.append(expert.aux_loss.detach())
-            if per_source is not None:
-                stats += list(per_source.flatten())
-
-        device = self.accelerator.device
-        totals = self.accelerator.reduce(torch.stack([s.float().to(device) for s in stats]), reduction="sum").tolist()
-        metrics = self._metrics["train"]
-        metrics["chord/mu"].append(mu)
-        if self.skips_on_policy_term_at_mu_one:
-            metrics[f"chord/{self._on_policy_term}_skipped"].append(float(skip_on_policy))
-        if not skip_on_policy:
-            self._log_on_policy_term(*totals[:3])
-            totals = totals[3:]
-        if mu > 0:
-            num_sources = 0 if self.expert_source_names is None else len(self.expert_source_names)
-            self._log_expert_term(mu, *totals[: len(totals) - 2 * num_sources])
-            if num_sources:
-                self._log_expert_sources(totals[-2 * num_sources :])
+        The expert term's own backward, where it has one (`backward_expert_term_first`: one device, DDP), runs in
+        [`_expert_term`], from `compute_loss`. It must come after `_prepare_inputs` (so that generation draws the
+        random numbers of a run without the expert term) and before the on-policy forward (so that the two graphs are
+        never alive together, and DDP all-reduces the terms' sum once). `compute_loss` is the only hook the trainer's
+        `training_step` has between the two; moving the backward here would mean rewriting that `training_step`.
+        """
+        # One joint backward (DeepSpeed, FSDP, LOMO): the terms' gradients arrive summed, and cannot be told apart.
+        # With mu = 0 there is one term: nothing to compare, and the step stays exactly the trainer's own. The hooks
+        # cost a pass over the gradients per backward, so they run on the steps that are logged only
+        measured = self.backward_expert_term_first and self.chord_mu != 0 and self._step_is_logged()
+        trainer_backward_term = "expert" if self.on_policy_term_skipped() else self._on_policy_term
+        with self.term_gradient_norms.measuring(trainer_backward_term) if measured else nullcontext():
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        if measured:
+            self._log_term_gradient_norms()
+        self._chord_micro_steps += 1
         return loss
 
     def _step_is_logged(self) -> bool:
@@ -483,25 +355,53 @@ class ChordMixin:
             return True
         return self.args.logging_strategy == IntervalStrategy.STEPS and step % self.state.logging_steps == 0
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        # One joint backward (DeepSpeed, FSDP, LOMO): the terms' gradients arrive summed, and cannot be told apart.
-        # With mu = 0 there is one term: nothing to compare, and the step stays exactly the trainer's own. The hooks
-        # cost a pass over the gradients per backward, so they run on the steps that are logged only
-        measured = self.backward_expert_term_first and self.chord_mu != 0 and self._step_is_logged()
-        with self.term_gradient_norms.measuring() if measured else nullcontext():
-            loss = super().training_step(model, inputs, num_items_in_batch)
-        if measured:
-            self._log_term_gradient_norms()
-        self._chord_micro_steps += 1
-        return loss
+    def _log_micro_step(self, mu, on_policy_loss, inputs, expert: ExpertTerm | None) -> None:
+        """The micro-step's `chord/*` metrics, from sums over processes (so every process stops alike on a NaN)."""
+        sums = {}
+        if on_policy_loss is not None:
+            advantages = self._rollout_advantages(inputs)
+            logged_loss = on_policy_loss.detach()
+            if self.loss_is_scaled_for_ga:
+                logged_loss = logged_loss * self.current_gradient_accumulation_steps
+            sums.update(on_policy_loss=logged_loss, nonzero_advantages=(advantages != 0).sum())
+            sums["advantages"] = torch.tensor(advantages.numel())
+        if expert is not None:
+            sums.update(
+                expert_term_sums(expert.output, expert.per_source, self.expert_source_names, self.aux_loss_enabled)
+            )
+        device = self.accelerator.device
+        reduced = self.accelerator.reduce(torch.stack([s.float().to(device) for s in sums.values()]), reduction="sum")
+        totals = dict(zip(sums, reduced.tolist()))
+        num_processes = self.accelerator.num_processes
+        metrics = {"chord/mu": mu}
+        if self.mu_schedule.reaches_one():
+            metrics[f"chord/{self._on_policy_term}_skipped"] = float(on_policy_loss is None)
+        if on_policy_loss is not None:
+            self._raise_if_not_finite(self._on_policy_term.upper(), totals["on_policy_loss"])
+            metrics.update(on_policy_term_metrics(self._on_policy_term, totals, num_processes))
+            if totals["nonzero_advantages"] == 0:
+                self._warn_once_without_advantages()
+        if expert is not None:
+            self._raise_if_not_finite("SFT", totals["sft_loss"])
+            metrics.update(expert_term_metrics(mu, totals, num_processes))
+            if self.expert_source_names is not None:
+                metrics.update(expert_source_metrics(self.expert_source_names, totals))
+        for name, value in metrics.items():
+            self._metrics["train"][name].append(value)
+
+    def _warn_once_without_advantages(self) -> None:
+        # The "loss is always 0" report: with identical rewards in every group, the term has nothing to learn from
+        if not self._warned_zero_advantages:
+            logger.warning(
+                f"At optimizer step {self.state.global_step + 1}, every rollout group had identical rewards, so every "
+                f"advantage and the {self._on_policy_term.upper()} term are 0 (see `frac_reward_zero_std` and "
+                "`chord/nonzero_advantage_frac`); the SFT term still trains whenever mu > 0. Shown once per run."
+            )
+            self._warned_zero_advantages = True
 
     def _log_term_gradient_norms(self) -> None:
-        """
-        `chord/expert_grad_norm` and `chord/grpo_grad_norm` (`chord/rloo_grad_norm` for RLOO): the norms of
-        `mu * grad(L_SFT)` and `(1 - mu) * grad(L_on_policy)` of this micro-step on each process (before the all-reduce
-        and clipping), on the scale of the trainer's `grad_norm` (times the accumulation steps, over any loss scale),
-        averaged over processes. Only the micro-steps of logged optimizer steps are measured.
-        """
+        """`chord/expert_grad_norm` and `chord/<on-policy term>_grad_norm` of the micro-step, before the all-reduce and
+        clipping, on the scale of the trainer's `grad_norm`, averaged over processes."""
         squared = self.term_gradient_norms.squared
         # alike on every process: mu decides it
         terms = [term for term in ("expert", self._on_policy_term) if term in squared]
@@ -514,59 +414,12 @@ class ChordMixin:
         for term, norm in zip(terms, norms):
             self._metrics["train"][f"chord/{term}_grad_norm"].append(norm)
 
-    def _log_on_policy_term(self, on_policy_loss: float, nonzero_advantages: float, num_advantages: float) -> None:
-        """The on-policy term's metrics, from sums over processes."""
-        # Reduced over processes, so every process sees a bad value and stops at the same point, before any update
-        term = self._on_policy_term
-        self._raise_if_not_finite(term.upper(), on_policy_loss)
-        metrics = self._metrics["train"]
-        metrics[f"chord/{term}_loss"].append(on_policy_loss / self.accelerator.num_processes)
-        metrics["chord/nonzero_advantage_frac"].append(nonzero_advantages / num_advantages)
-        if nonzero_advantages == 0 and not self._warned_zero_advantages:
-            # The "loss is always 0" report: with identical rewards in every group, the term has nothing to learn from
-            logger.warning(
-                f"At optimizer step {self.state.global_step + 1}, every rollout group had identical rewards, so every "
-                f"advantage and the {term.upper()} term are 0 (see `frac_reward_zero_std` and "
-                "`chord/nonzero_advantage_frac`); the SFT term still trains whenever mu > 0. Shown once per run."
-            )
-            self._warned_zero_advantages = True
-
-    def _log_expert_sources(self, totals: list[float]) -> None:
-        """Each source's NLL and token count this micro-step, from sums over processes (`totals`: NLL sums, then
-        token counts); a source with no token in it is left out of its NLL's average."""
-        metrics = self._metrics["train"]
-        num_sources = len(self.expert_source_names)
-        for name, nll_sum, num_tokens in zip(self.expert_source_names, totals[:num_sources], totals[num_sources:]):
-            metrics[f"chord/expert_tokens/{name}"].append(num_tokens)
-            if num_tokens > 0:
-                metrics[f"chord/expert_nll/{name}"].append(nll_sum / num_tokens)
-
-    def _log_expert_term(self, mu: float, sft_loss: float, *sums: float) -> None:
-        """The expert term's metrics, from sums over processes (`sums`: [`EXPERT_METRIC_SUMS`], then the aux loss)."""
-        self._raise_if_not_finite("SFT", sft_loss)
-        totals = dict(zip(EXPERT_METRIC_SUMS, sums))
-        metrics = self._metrics["train"]
-        num_processes = self.accelerator.num_processes
-        num_tokens = max(totals["num_tokens"], 1.0)
-        metrics["chord/sft_loss"].append(sft_loss / num_processes)
-        metrics["chord/expert_nll"].append(totals["nll_sum"] / num_tokens)
-        metrics["chord/expert_token_prob"].append(totals["prob_sum"] / num_tokens)
-        metrics["chord/expert_tokens"].append(totals["num_tokens"])
-        metrics["chord/token_weight_mean"].append(totals["weight_sum"] / num_tokens)
-        metrics[f"chord/expert_prob_below_{LOW_PROB}"].append(totals["low_prob_tokens"] / num_tokens)
-        metrics[f"chord/expert_prob_above_{HIGH_PROB}"].append(totals["high_prob_tokens"] / num_tokens)
-        metrics["chord/effective_mu"].append(
-            mu * expert_term_strength(totals["scaled_weight_sum"], totals["scale_sum"])
-        )
-        if len(sums) > len(EXPERT_METRIC_SUMS):
-            metrics["chord/expert_aux_loss"].append(sums[-1] / num_processes)
-
     def _generate_and_score_completions(self, inputs):
         # GRPOTrainer and RLOOTrainer score each batch of rollouts here (the adaptive schedule's input)
         output = super()._generate_and_score_completions(inputs)
         if self.model.training:
             # The mean reward over every process's rollouts, which the trainer has just logged
-            self.mu_callback.observe_mean_reward(self._metrics["train"]["reward"][-1])
+            self.mu_schedule.observe_mean_reward(self._metrics["train"]["reward"][-1])
         return output
 
     def _raise_if_not_finite(self, term: str, value: float) -> None:
@@ -578,29 +431,15 @@ class ChordMixin:
             )
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
-        """[`~transformers.Trainer.train`], resuming only from complete checkpoints.
-
-        A trainer that generates its own rollouts fails at once when the RL dataset has fewer prompts than an optimizer
-        step needs (`check_prompts_fill_a_step`; AsyncGRPOTrainer's worker cycles through its prompts).
-
-        With `resume_from_checkpoint=True`, the newest complete checkpoint in `output_dir` is used: ones cut short by
-        a crash during the save are skipped with a warning. A checkpoint path given explicitly must be complete.
+        """
+        [`~transformers.Trainer.train`], resuming only from complete checkpoints (`True`: the newest complete one in
+        `output_dir`); a trainer that generates its rollouts first checks that the RL prompts fill an optimizer step.
         """
         # A streamed (iterable) RL dataset has no length to check
         if self._generates_rollouts and self.train_dataset is not None and hasattr(self.train_dataset, "__len__"):
             check_prompts_fill_a_step(len(self.train_dataset), self.args)
         needs_chord_state = self.expert_sampler is not None
-        if resume_from_checkpoint is True:
-            complete, incomplete = complete_checkpoints(self.args.output_dir, needs_chord_state)
-            for checkpoint, problem in incomplete.items():
-                logger.warning(f"Not resuming from {checkpoint}: {problem}.")
-            if not complete:
-                raise ValueError(f"No complete checkpoint to resume from in {self.args.output_dir}.")
-            resume_from_checkpoint = complete[0]
-        elif isinstance(resume_from_checkpoint, str):
-            problem = checkpoint_problem(resume_from_checkpoint, needs_chord_state)
-            if problem is not None:
-                raise ValueError(f"Cannot resume from {resume_from_checkpoint}: {problem}.")
+        resume_from_checkpoint = resolved_checkpoint(resume_from_checkpoint, self.args.output_dir, needs_chord_state)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _save_rng_state(self, output_dir):
@@ -608,13 +447,9 @@ class ChordMixin:
         # trainer_state.json, which the Trainer writes last, so a checkpoint with both state files is complete.
         super()._save_rng_state(output_dir)
         if self.expert_sampler is not None and self.args.should_save:
-            temporary_path = os.path.join(output_dir, CHORD_STATE_NAME + ".tmp")
-            with open(temporary_path, "w") as file:
-                json.dump({"expert_sampler": self.expert_sampler.state_dict()}, file)
-            os.replace(temporary_path, os.path.join(output_dir, CHORD_STATE_NAME))
+            write_chord_state(output_dir, self.expert_sampler.state_dict())
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         if self.expert_sampler is not None and checkpoint is not None:
-            with open(os.path.join(checkpoint, CHORD_STATE_NAME)) as file:
-                self.expert_sampler.load_state_dict(json.load(file)["expert_sampler"])
+            self.expert_sampler.load_state_dict(read_chord_state(checkpoint))

@@ -1,4 +1,4 @@
-"""Expert demonstrations for the CHORD SFT term: tokenization, the expert sampler and the collators."""
+"""Expert demonstrations for the CHORD SFT term: validation, tokenization and the collators."""
 
 import io
 import json
@@ -191,36 +191,7 @@ def _chat_encoder(processing_class, tools: list | None, images: list, index: int
     return encode
 
 
-def tokenize_expert_example(
-    example: dict[str, Any],
-    index: int,
-    processing_class: PreTrainedTokenizerBase | ProcessorMixin,
-    max_length: int,
-    image_token_id: int | None = None,
-) -> dict[str, Any]:
-    """
-    Token ids of one expert example and a mask of the tokens the SFT term trains on.
-
-    - prompt/completion: the completion tokens are trained. Conversational examples go through the chat template
-      (the prompt with the generation prompt, then prompt + completion); plain-text ones are tokenized as
-      `prompt + completion` with the EOS token appended, so the model learns to stop as its rollouts do.
-    - messages: every assistant turn is trained, everything else is masked. Each turn's tokens are found by
-      rendering the conversation up to it, so any chat template that renders earlier turns unchanged works.
-
-    With a processor (`processing_class` of a vision-language policy), conversational examples are rendered as TRL
-    renders such a policy's prompts ([`_multimodal_conversation`]), with the example's images (`images` or `image`
-    column), each expanded by the processor into its placeholder tokens. Those (`image_token_id`) are never trained,
-    and an example that the cut at `max_length` would leave with part of an image is skipped. The result then also
-    holds the `images`, as stored, and, for an example with images, the rendered `text` that the collator hands the
-    processor with them ([`collate_expert_images`]).
-
-    The sequence is cut at `max_length` tokens (the end of the completion is dropped). `skip_reason` is empty, or says
-    why the example carries nothing to train on.
-    """
-    tools = _load_tools(example.get("tools"), index)
-    conversational = example_is_conversational(example, index)
-    messages_format = "messages" in example and not ("prompt" in example and "completion" in example)
-    is_processor = isinstance(processing_class, ProcessorMixin)
+def _checked_images(example: dict[str, Any], index: int, is_processor: bool, conversational: bool) -> list:
     images = expert_images(example, index)
     if images and not is_processor:
         raise ValueError(
@@ -233,68 +204,106 @@ def tokenize_expert_example(
             f"Expert example {index} has images but plain-text `prompt` and `completion`: an example with images "
             "must be conversational (lists of messages), so that the chat template places them."
         )
+    return images
+
+
+def _conversation_tokens(example, processing_class, tools, images: list, index: int) -> tuple[list, list, str]:
+    """
+    A conversational example's tokens through the chat template, the mask of its completion (each assistant turn of
+    `messages`, found by rendering the conversation up to it), and, for a processor and an example with images, the
+    rendered text the collator hands the processor with them.
+    """
     loaded_images = [load_expert_image(image, index) for image in images]
     encode = _chat_encoder(processing_class, tools, loaded_images, index)
+    messages_format = "messages" in example and not ("prompt" in example and "completion" in example)
+    if messages_format:
+        messages = example["messages"]
+    else:
+        messages, num_prompt_messages = example["prompt"] + example["completion"], len(example["prompt"])
+    text = ""
+    if isinstance(processing_class, ProcessorMixin):
+        messages = _multimodal_conversation(messages, loaded_images, index)
+        if images:
+            text = processing_class.apply_chat_template(messages, tools=tools, tokenize=False)
+    input_ids = encode(messages)
+    if not messages_format:
+        prompt_length = common_prefix_length(
+            encode(messages[:num_prompt_messages], add_generation_prompt=True), input_ids
+        )
+        return input_ids, [0] * prompt_length + [1] * (len(input_ids) - prompt_length), text
+    completion_mask = [0] * len(input_ids)
+    for turn, message in enumerate(messages):
+        if message.get("role") != "assistant" or is_empty_message(message):
+            continue
+        start = common_prefix_length(encode(messages[:turn], add_generation_prompt=True), input_ids)
+        end = common_prefix_length(encode(messages[: turn + 1]), input_ids)
+        completion_mask[start:end] = [1] * (end - start)
+    return input_ids, completion_mask, text
 
+
+def _plain_text_tokens(example: dict[str, Any], processing_class) -> tuple[list, list]:
+    """`prompt + completion` tokenized, with the EOS token appended so that the model learns to stop as its rollouts
+    do, and the mask of the completion."""
+    tokenizer = processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
+    prompt_ids = tokenizer(text=example["prompt"])["input_ids"]
+    input_ids = tokenizer(text=example["prompt"] + example["completion"])["input_ids"]
+    prompt_length = common_prefix_length(prompt_ids, input_ids)
+    if len(input_ids) > prompt_length and tokenizer.eos_token_id is not None:
+        input_ids = input_ids + [tokenizer.eos_token_id]
+    return input_ids, [0] * prompt_length + [1] * (len(input_ids) - prompt_length)
+
+
+def _skip_reason(example: dict[str, Any], conversational: bool, completion_mask: list, kept: int, image_cut: bool):
+    """Why an example carries nothing to train on (`completion_mask` before the cut at `kept` tokens), or `""`."""
+    # The first token has no prediction, so it never counts as a trained token
+    if conversational and "messages" in example and not ("prompt" in example and "completion" in example):
+        if not any(message["role"] == "assistant" for message in example["messages"]):
+            return SKIP_NO_ASSISTANT_TURN
+        has_completion = any(completion_mask[1:])
+    elif conversational:
+        has_completion = not all(is_empty_message(message) for message in example["completion"])
+    else:
+        has_completion = bool(example["completion"].strip())
+    if not has_completion:
+        return SKIP_EMPTY_COMPLETION
+    if not any(completion_mask[1:kept]):
+        return SKIP_TRUNCATED_AWAY
+    # The processor would give a cut image's features whole, for fewer placeholder tokens than it has
+    return SKIP_IMAGE_CUT if image_cut else ""
+
+
+def tokenize_expert_example(
+    example: dict[str, Any],
+    index: int,
+    processing_class: PreTrainedTokenizerBase | ProcessorMixin,
+    max_length: int,
+    image_token_id: int | None = None,
+) -> dict[str, Any]:
+    """
+    Token ids of one expert example, cut at `max_length`, and a mask of the tokens the SFT term trains on: the
+    completion of prompt/completion examples, every assistant turn of `messages`; never an image's placeholder tokens
+    (`image_token_id`). `skip_reason` says why an example carries nothing to train on. With a processor, conversations
+    are rendered as TRL renders a vision-language policy's prompts, and the result holds the `images` as stored and the
+    rendered `text` ([`collate_expert_images`]).
+    """
+    tools = _load_tools(example.get("tools"), index)
+    conversational = example_is_conversational(example, index)
+    is_processor = isinstance(processing_class, ProcessorMixin)
+    images = _checked_images(example, index, is_processor, conversational)
     text = ""
     if conversational:
-        if messages_format:
-            messages = example["messages"]
-        else:
-            messages, num_prompt_messages = example["prompt"] + example["completion"], len(example["prompt"])
-        if is_processor:
-            messages = _multimodal_conversation(messages, loaded_images, index)
-            if images:
-                text = processing_class.apply_chat_template(messages, tools=tools, tokenize=False)
-        if messages_format:
-            input_ids = encode(messages)
-            completion_mask = [0] * len(input_ids)
-            for turn, message in enumerate(messages):
-                if message.get("role") != "assistant" or is_empty_message(message):
-                    continue
-                start = common_prefix_length(encode(messages[:turn], add_generation_prompt=True), input_ids)
-                end = common_prefix_length(encode(messages[: turn + 1]), input_ids)
-                completion_mask[start:end] = [1] * (end - start)
-        else:
-            prompt_ids = encode(messages[:num_prompt_messages], add_generation_prompt=True)
-            input_ids = encode(messages)
-            prompt_length = common_prefix_length(prompt_ids, input_ids)
-            completion_mask = [0] * prompt_length + [1] * (len(input_ids) - prompt_length)
+        input_ids, completion_mask, text = _conversation_tokens(example, processing_class, tools, images, index)
     else:
-        tokenizer = processing_class.tokenizer if is_processor else processing_class
-        prompt_ids = tokenizer(text=example["prompt"])["input_ids"]
-        input_ids = tokenizer(text=example["prompt"] + example["completion"])["input_ids"]
-        prompt_length = common_prefix_length(prompt_ids, input_ids)
-        if len(input_ids) > prompt_length and tokenizer.eos_token_id is not None:
-            input_ids = input_ids + [tokenizer.eos_token_id]
-        completion_mask = [0] * prompt_length + [1] * (len(input_ids) - prompt_length)
+        input_ids, completion_mask = _plain_text_tokens(example, processing_class)
     if image_token_id is not None:
         # An image's placeholder tokens stand for its features: there is nothing to predict at them
         completion_mask = [
             trained and int(token != image_token_id) for token, trained in zip(input_ids, completion_mask)
         ]
-
-    # The first token has no prediction, so it never counts as a trained token
-    if conversational and not messages_format:
-        has_completion = not all(is_empty_message(message) for message in example["completion"])
-    elif conversational:
-        has_completion = any(completion_mask[1:])
-    else:
-        has_completion = bool(example["completion"].strip())
     image_cut = image_token_id is not None and image_token_id in input_ids[max_length:]
-    input_ids, completion_mask = input_ids[:max_length], completion_mask[:max_length]
-    if messages_format and not any(message["role"] == "assistant" for message in example["messages"]):
-        skip_reason = SKIP_NO_ASSISTANT_TURN
-    elif not has_completion:
-        skip_reason = SKIP_EMPTY_COMPLETION
-    elif not any(completion_mask[1:]):
-        skip_reason = SKIP_TRUNCATED_AWAY
-    elif image_cut:
-        # The processor would give the image's features whole, for fewer placeholder tokens than it has
-        skip_reason = SKIP_IMAGE_CUT
-    else:
-        skip_reason = ""
-    tokenized = {"input_ids": input_ids, "completion_mask": completion_mask, "skip_reason": skip_reason}
+    skip_reason = _skip_reason(example, conversational, completion_mask, max_length, image_cut)
+    tokenized = {"input_ids": input_ids[:max_length], "completion_mask": completion_mask[:max_length]}
+    tokenized["skip_reason"] = skip_reason
     if is_processor:
         tokenized.update(images=images, text=text)
     return tokenized
@@ -322,14 +331,8 @@ def prepare_expert_dataset(
     image_token_id: int | None = None,
 ) -> Dataset:
     """
-    Validate and tokenize an expert dataset (`source`: its name, when it is one of several) with the policy's
-    tokenizer, or its processor for a vision-language policy (`image_token_id`: the placeholder token of an image's
-    features, `config.image_token_id`); returns the examples that carry tokens to train on.
-
-    Raises a `ValueError` for an empty dataset, missing columns, conversational data with a tokenizer or processor that
-    has no chat template, or a dataset none of whose examples is left after skipping. Skipped examples (empty
-    completion, a completion that the `max_length` cut removes entirely, or an image it would cut) are counted in a
-    warning.
+    The examples of an expert dataset (`source`: its name, among several) that carry tokens to train on, tokenized
+    with the policy's tokenizer or processor; a `ValueError` for data it cannot use, a warning counting skipped rows.
     """
     if not isinstance(dataset, Dataset):
         raise TypeError(
@@ -383,128 +386,24 @@ def prepare_expert_dataset(
     return kept
 
 
-class ExpertSampler:
-    """
-    Infinite, sharded and seeded stream of expert example indices, one micro-batch at a time.
-
-    Pass `e` over the data is the permutation `randperm(num_examples)` drawn from a generator seeded with
-    `seed + e`; process `rank` takes every `num_replicas`-th index of it, starting at `rank`. Within a pass the
-    processes see disjoint examples, and over its passes each process trains on each of its examples once per pass.
-    Micro-batches run across pass boundaries, so no process's stream ever runs dry. The state is the number of indices
-    already drawn, which is all a resumed run needs. The global RNG is never touched.
-    """
-
-    def __init__(self, num_examples: int, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0):
-        if num_examples < num_replicas:
-            raise ValueError(
-                f"The expert dataset has {num_examples} usable examples, fewer than the {num_replicas} processes: "
-                "each process needs at least one example of its own. Add expert examples or use fewer processes."
+def prepare_expert_sources(
+    sources: dict[str, Dataset],
+    processing_class: PreTrainedTokenizerBase | ProcessorMixin,
+    max_length: int,
+    image_token_id: int | None = None,
+) -> dict[str, Dataset]:
+    """[`prepare_expert_dataset`] of each named source, an error naming the source it comes from."""
+    if not sources:
+        raise ValueError("`expert_dataset` is an empty dict: give at least one named dataset.")
+    prepared = {}
+    for name, dataset in sources.items():
+        try:
+            prepared[name] = prepare_expert_dataset(
+                dataset, processing_class, max_length=max_length, source=name, image_token_id=image_token_id
             )
-        self.num_examples = num_examples
-        self.batch_size = batch_size
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.seed = seed
-        self.shard_size = len(range(rank, num_examples, num_replicas))
-        self.examples_drawn = 0
-        self._shard_cache: tuple[int, list[int]] | None = None
-
-    def shard(self, epoch: int) -> list[int]:
-        """This process's indices for pass `epoch`, in the order they are drawn."""
-        if self._shard_cache is None or self._shard_cache[0] != epoch:
-            generator = torch.Generator().manual_seed(self.seed + epoch)
-            permutation = torch.randperm(self.num_examples, generator=generator)
-            self._shard_cache = (epoch, permutation[self.rank :: self.num_replicas].tolist())
-        return self._shard_cache[1]
-
-    def take(self, count: int) -> list[int]:
-        """The next `count` indices of this process's stream."""
-        indices: list[int] = []
-        while len(indices) < count:
-            epoch, offset = divmod(self.examples_drawn, self.shard_size)
-            taken = self.shard(epoch)[offset : offset + count - len(indices)]
-            indices.extend(taken)
-            self.examples_drawn += len(taken)
-        return indices
-
-    def next_batch(self) -> list[int]:
-        return self.take(self.batch_size)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"examples_drawn": self.examples_drawn}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.examples_drawn = int(state["examples_drawn"])
-
-
-def next_source(proportions: list[float], drawn_per_source: list[int]) -> int:
-    """
-    The source of the next expert example: the one furthest behind its share, `argmax_i p_i * (k + 1) - drawn_i`
-    after `k` draws (the first on ties). After any `k` draws, source `i` has given `floor` or `ceil` of `p_i * k`,
-    give or take one, whatever `k`: the proportions hold in every window that starts at 0, with no randomness.
-    """
-    total = sum(drawn_per_source) + 1
-    deficits = [share * total - drawn for share, drawn in zip(proportions, drawn_per_source)]
-    return max(range(len(deficits)), key=lambda index: (deficits[index], -index))
-
-
-class ExpertMixtureSampler:
-    """
-    Several expert sources, each with its own [`ExpertSampler`] stream, mixed in fixed proportions.
-
-    The sources' examples are numbered one after another (source `i` from `offsets[i]`). Each example slot goes to the
-    source [`next_source`] picks, which depends only on the counts so far: every process picks the same sources in the
-    same order, and each takes the example from its own shard of that source. So, per source, processes see disjoint
-    examples within a pass and every example once per pass, as with one source. The state is each source's count.
-    """
-
-    def __init__(
-        self,
-        source_sizes: dict[str, int],
-        proportions: dict[str, float],
-        batch_size: int,
-        num_replicas: int = 1,
-        rank: int = 0,
-        seed: int = 0,
-    ):
-        self.names = list(source_sizes)
-        total = sum(proportions[name] for name in self.names)
-        self.proportions = [proportions[name] / total for name in self.names]
-        self.batch_size = batch_size
-        self.offsets = [0]
-        for name in self.names[:-1]:
-            self.offsets.append(self.offsets[-1] + source_sizes[name])
-        self.samplers = {}
-        for index, name in enumerate(self.names):
-            try:
-                # A seed per source, so that sources of equal size are not shuffled alike
-                self.samplers[name] = ExpertSampler(
-                    source_sizes[name], 1, num_replicas, rank, seed=seed + 1_000_003 * index
-                )
-            except ValueError as error:
-                raise ValueError(f"Expert source {name!r}: {error}") from error
-
-    def next_batch(self) -> list[int]:
-        indices = []
-        for _ in range(self.batch_size):
-            source = next_source(self.proportions, [self.samplers[name].examples_drawn for name in self.names])
-            indices.append(self.offsets[source] + self.samplers[self.names[source]].take(1)[0])
-        return indices
-
-    def source_of(self, index: int) -> int:
-        """The position in `names` of the source a (numbered) example comes from."""
-        return max(source for source, offset in enumerate(self.offsets) if offset <= index)
-
-    def state_dict(self) -> dict[str, dict[str, int]]:
-        return {name: sampler.state_dict() for name, sampler in self.samplers.items()}
-
-    def load_state_dict(self, state: dict[str, dict[str, int]]) -> None:
-        if set(state) != set(self.names):
-            raise ValueError(
-                f"The checkpoint's expert sources {sorted(state)} are not this run's {sorted(self.names)}."
-            )
-        for name, sampler_state in state.items():
-            self.samplers[name].load_state_dict(sampler_state)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"Expert source {name!r}: {error}") from error
+    return prepared
 
 
 def collate_expert_batch(examples: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -525,14 +424,9 @@ def collate_expert_images(
     examples: list[dict[str, Any]], processor: ProcessorMixin, num_tokens: int
 ) -> dict[str, torch.Tensor]:
     """
-    The image inputs of an expert micro-batch for the model's forward: everything the processor returns for its
-    examples' images besides the token ids (pixel values, grid or size tensors, ...), as TRL passes them for its
-    prompts; `{}` when no example has an image.
-
-    The processor gets the examples with images only (older processors refuse an example without any), with the
-    text [`tokenize_expert_example`] rendered for them, so it expands every image into the tokens that are already in
-    `input_ids`. Per-token inputs ([`PER_TOKEN_IMAGE_INPUTS`]) are put back at their examples' rows, zero elsewhere,
-    over the batch's `num_tokens` (its padded length).
+    The image inputs of an expert micro-batch (pixel values, grids, ...; `{}` without images), from the processor run
+    on the examples with images only (older processors refuse one without) and their rendered text; per-token inputs
+    ([`PER_TOKEN_IMAGE_INPUTS`]) are put back at their rows, 0 elsewhere, over the batch's `num_tokens`.
     """
     rows = [row for row, example in enumerate(examples) if example["images"]]
     if not rows:

@@ -48,13 +48,16 @@ from trl import GRPOConfig, GRPOTrainer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the CPU benchmark's helpers
 from chord_overhead import (  # noqa: E402
     balanced_orders,
+    collated_expert_batch,
     expert_dataset,
     generate_grpo_batch,
     machine_description,
+    ready,
     seeded_random_reward,
     sft_step,
     skip_generation,
     summary,
+    trainer_options,
 )
 from gpu_setup import (  # noqa: E402
     QWEN2_5_0_5B,
@@ -70,7 +73,6 @@ from gpu_setup import (  # noqa: E402
 
 from trl_chord import ChordConfig, ChordTrainer  # noqa: E402
 from trl_chord.demo.memory import PeakMemory, Variant, prepare  # noqa: E402
-from trl_chord.expert_data import collate_expert_batch, prepare_expert_dataset  # noqa: E402
 
 
 MIB = 2**20
@@ -172,18 +174,9 @@ class ShapeBench:
         self.tokenizer = full_vocabulary_tokenizer(shape)
         self.prompts = Dataset.from_dict({"prompt": [f"Task {index}: " for index in range(16)]})
         max_length = max(settings.expert_lengths)
-        self.config_kwargs = dict(
-            output_dir=scratch_dir,
-            per_device_train_batch_size=settings.num_generations,
-            num_generations=settings.num_generations,
-            max_completion_length=settings.completion_length,
-            # Every completion runs to the full length: the GRPO micro-batch's shape is the settings'
-            generation_kwargs={"min_new_tokens": settings.completion_length},
-            report_to="none",
-            save_strategy="no",
-            bf16=device.type == "cuda",
-            use_cpu=device.type != "cuda",
-            seed=0,
+        options = dict(bf16=device.type == "cuda", use_cpu=device.type != "cuda")
+        self.config_kwargs = trainer_options(
+            scratch_dir, settings.num_generations, settings.completion_length, **options
         )
         self.grpo = self._ready(
             GRPOTrainer(
@@ -207,9 +200,7 @@ class ShapeBench:
         return random_model(self.shape, self.tokenizer, self.device, self.dtype)
 
     def _ready(self, trainer: GRPOTrainer) -> GRPOTrainer:
-        # `training_step` normally runs inside `train()`, which sets this; the benchmark calls it directly
-        trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
-        trainer.model.train()
+        ready(trainer).model.train()
         return trainer
 
     def _chord_trainer(self, max_length: int) -> ChordTrainer:
@@ -227,11 +218,7 @@ class ShapeBench:
 
     def use_expert_length(self, length: int) -> None:
         """One expert example of `length` tokens, tokenized and collated as ChordTrainer does."""
-        examples = prepare_expert_dataset(
-            expert_dataset(self.tokenizer, [length], seed=1), self.tokenizer, max_length=length
-        )
-        batch = collate_expert_batch(list(examples), pad_token_id=self.tokenizer.pad_token_id)
-        self.expert_batch = {name: tensor.to(self.device) for name, tensor in batch.items()}
+        self.expert_batch = collated_expert_batch(self.tokenizer, 1, length, self.device)
 
     def variants(self) -> list[Variant]:
         def training_step(trainer):

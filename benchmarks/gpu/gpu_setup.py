@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from trl_chord.expert_head.forward import expert_loss
 from trl_chord.losses import ExpertLossOutput
 
 
@@ -114,8 +115,7 @@ def expert_term_backward(model: PreTrainedModel, batch: dict[str, torch.Tensor])
     """The expert SFT term of a collated expert micro-batch through a ChordTrainer's model, forward and backward, as
     the trainer runs it (its token weighting, the head's gradient made in the forward)."""
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-    out = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels, chord_expert_loss=True
-    )
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
+    out = expert_loss(model, inputs)
     out.loss.backward()
     return out

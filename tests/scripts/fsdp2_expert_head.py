@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM
 
-from trl_chord.expert_head import add_expert_loss_head
+from trl_chord.expert_head.forward import add_expert_loss_head
 
 
 def batch(seed: int, vocab_size: int):

@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
-import trl_chord.expert_head as expert_head
-from trl_chord.expert_head import add_expert_loss_head
+import trl_chord.expert_head.choice as head_choice
+from trl_chord.expert_head.forward import add_expert_loss_head
 
 
 def main():
@@ -26,7 +26,7 @@ def main():
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    probe = expert_head.probe_lm_head
+    probe = head_choice.probe_lm_head
 
     def probe_that_rank_1_doubts(*probe_args, **kwargs):
         problems = probe(*probe_args, **kwargs)
@@ -34,7 +34,7 @@ def main():
             problems["chunked"] = "rank 1's borderline case"
         return problems
 
-    expert_head.probe_lm_head = probe_that_rank_1_doubts
+    head_choice.probe_lm_head = probe_that_rank_1_doubts
     model = AutoModelForCausalLM.from_pretrained(args.model)
     add_expert_loss_head(model, weighting="phi", focal_gamma=2.0, cast_lm_head_to_fp32=False, head=args.requested)
     input_ids = torch.arange(3, 23).reshape(2, 10)

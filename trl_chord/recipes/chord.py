@@ -194,10 +194,9 @@ def load_expert_sources(entries: list[str] | str | None, config: str | None, spl
     return sources
 
 
-def main(script_args: ChordScriptArguments, training_args: ChordOptions, model_args: ModelConfig):
-    builtin_task = script_args.dataset_name is None
-    trainer_class = trainer_classes(script_args.trainer)[1]
-    if builtin_task and script_args.trainer == "async_grpo":
+def check_trainer_options(script_args: ChordScriptArguments, model_args: ModelConfig) -> None:
+    """Refuse, before anything is loaded, what `--trainer async_grpo` cannot take."""
+    if script_args.dataset_name is None and script_args.trainer == "async_grpo":
         raise ValueError(
             "The built-in demo runs with GRPO or RLOO (--trainer grpo or rloo): --trainer async_grpo needs a vLLM "
             "server for its rollouts, and the demo's held-out evaluation generates with the policy, which "
@@ -215,33 +214,64 @@ def main(script_args: ChordScriptArguments, training_args: ChordOptions, model_a
                 f"--trainer async_grpo runs the model with AsyncGRPOTrainer's own packed attention, not "
                 f"--attn_implementation {model_args.attn_implementation}: leave the option out."
             )
-    heldout = None
-    if builtin_task:
+
+
+def task_data(script_args: ChordScriptArguments, training_args: ChordOptions) -> tuple:
+    """The RL prompts, the expert data, the held-out set (the built-in demo's only) and the reward functions."""
+    if script_args.dataset_name is None:
         train_dataset, expert_dataset, heldout = demo_datasets(seed=training_args.seed)
-        reward_funcs = resolve_reward_funcs(script_args.reward_funcs or ["addition_reward"])
-    else:
-        if not script_args.reward_funcs:
-            raise ValueError("Give at least one reward function with --reward_funcs.")
-        train_dataset = load_dataset_file_or_hub(
-            script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split
+        return (
+            train_dataset,
+            expert_dataset,
+            heldout,
+            resolve_reward_funcs(script_args.reward_funcs or ["addition_reward"]),
         )
-        if script_args.dataset_prompt_column != "prompt":
-            train_dataset = train_dataset.rename_column(script_args.dataset_prompt_column, "prompt")
-        expert_dataset = load_expert_sources(
-            script_args.chord_sft_dataset, script_args.chord_sft_dataset_config, script_args.chord_sft_dataset_split
+    if not script_args.reward_funcs:
+        raise ValueError("Give at least one reward function with --reward_funcs.")
+    train_dataset = load_dataset_file_or_hub(
+        script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split
+    )
+    if script_args.dataset_prompt_column != "prompt":
+        train_dataset = train_dataset.rename_column(script_args.dataset_prompt_column, "prompt")
+    expert_dataset = load_expert_sources(
+        script_args.chord_sft_dataset, script_args.chord_sft_dataset_config, script_args.chord_sft_dataset_split
+    )
+    return train_dataset, expert_dataset, None, resolve_reward_funcs(script_args.reward_funcs)
+
+
+def demo_model_path(training_args: ChordOptions, builtin_task: bool) -> str:
+    """The built-in demo's tiny random model, saved so that GRPOTrainer can reload it (e.g. as the reference model when
+    beta > 0)."""
+    if not builtin_task:
+        raise ValueError("Give --model_name_or_path (a hub id or a local folder).")
+    model_path = os.path.join(training_args.output_dir, "initial-model")
+    if training_args.distributed_state.is_main_process:
+        save_tiny_model(model_path, hidden_size=64, intermediate_size=128, num_attention_heads=4)
+    training_args.distributed_state.wait_for_everyone()
+    return model_path
+
+
+def print_run_outputs(output_dir: str, metrics_path: str, heldout_callback) -> None:
+    """Where the metrics, their plot and the model are; the demo's held-out accuracy before and after."""
+    history = heldout_callback.history if heldout_callback else None
+    plot_path = plot_metrics(metrics_path, os.path.join(output_dir, "metrics.png"), history)
+    print(f"Metrics: {metrics_path}\nPlot: {plot_path}\nModel: {output_dir}")
+    if history:
+        print(
+            f"Held-out accuracy: {history[0]['accuracy']:.0%} before training, "
+            f"{history[-1]['accuracy']:.0%} after {history[-1]['step']} steps."
         )
-        reward_funcs = resolve_reward_funcs(script_args.reward_funcs)
+
+
+def main(script_args: ChordScriptArguments, training_args: ChordOptions, model_args: ModelConfig):
+    builtin_task = script_args.dataset_name is None
+    trainer_class = trainer_classes(script_args.trainer)[1]
+    check_trainer_options(script_args, model_args)
+    train_dataset, expert_dataset, heldout, reward_funcs = task_data(script_args, training_args)
 
     model_path = model_args.model_name_or_path
     if model_path is None:
-        if not builtin_task:
-            raise ValueError("Give --model_name_or_path (a hub id or a local folder).")
-        # A tiny random model, saved so that GRPOTrainer can reload it (e.g. as the reference model when beta > 0)
-        model_path = os.path.join(training_args.output_dir, "initial-model")
-        if training_args.distributed_state.is_main_process:
-            save_tiny_model(model_path, hidden_size=64, intermediate_size=128, num_attention_heads=4)
-        training_args.distributed_state.wait_for_everyone()
-
+        model_path = demo_model_path(training_args, builtin_task)
     model_init_kwargs = dict(revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code)
     if script_args.trainer != "async_grpo":
         model_init_kwargs.update(attn_implementation=model_args.attn_implementation, dtype=model_args.dtype)
@@ -288,14 +318,7 @@ def main(script_args: ChordScriptArguments, training_args: ChordOptions, model_a
     trainer.save_model(training_args.output_dir)
 
     if trainer.accelerator.is_main_process:
-        history = heldout_callback.history if heldout_callback else None
-        plot_path = plot_metrics(metrics_path, os.path.join(training_args.output_dir, "metrics.png"), history)
-        print(f"Metrics: {metrics_path}\nPlot: {plot_path}\nModel: {training_args.output_dir}")
-        if history:
-            print(
-                f"Held-out accuracy: {history[0]['accuracy']:.0%} before training, "
-                f"{history[-1]['accuracy']:.0%} after {history[-1]['step']} steps."
-            )
+        print_run_outputs(training_args.output_dir, metrics_path, heldout_callback)
     trainer.accelerator.wait_for_everyone()
 
 

@@ -26,14 +26,13 @@ Outputs, in `--output_dir`, as Parquet files that keep the images (PNG or JPEG b
 """
 
 import argparse
-import json
-import os
 from collections import Counter
 
 from datasets import Dataset, Image, Sequence
 
 from trl_chord.expert_data import without_image_decoding
 from trl_chord.recipes.data_files import format_counts, load_dataset_file_or_hub
+from trl_chord.recipes.prepare import preparation_parser, write_outputs
 
 
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -47,8 +46,11 @@ ALSO_AN_RL_PROMPT = "also an RL prompt"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="trl-chord prepare geometry3k", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = preparation_parser(
+        "geometry3k",
+        __doc__,
+        num_sft=(None, "Expert examples to keep (default: all)."),
+        num_rl=(None, "RL prompts to keep (default: all)."),
     )
     parser.add_argument(
         "--dataset", default="hiyouga/geometry3k", help="RL problems: hub id, or a local .json/.jsonl/.parquet file."
@@ -60,9 +62,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Expert solutions (`problem`, `response`, `images`): hub id, or a local .json/.jsonl/.parquet file.",
     )
     parser.add_argument("--expert_split", default="train", help="Split of --expert_dataset (default: train).")
-    parser.add_argument("--output_dir", required=True, help="Folder for the output files (created if missing).")
-    parser.add_argument("--num_rl", type=int, default=None, help="RL prompts to keep (default: all).")
-    parser.add_argument("--num_sft", type=int, default=None, help="Expert examples to keep (default: all).")
     return parser.parse_args(argv)
 
 
@@ -137,10 +136,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     # Stored as images again, so that the trainer (and `datasets`) read them as such
     rl, expert = (dataset.cast_column("images", Sequence(Image())) for dataset in (rl, expert))
-    os.makedirs(args.output_dir, exist_ok=True)
-    expert.to_parquet(os.path.join(args.output_dir, "expert_solutions.parquet"))
-    rl.to_parquet(os.path.join(args.output_dir, "rl_prompts.parquet"))
-
     print(f"RL prompt set: {len(rl)} kept. Rows not used: {format_counts(counts['rl'])}.")
     print(f"Expert SFT set: {len(expert)} kept. Rows not used: {format_counts(counts['expert'])}.")
     summary = {
@@ -148,6 +143,4 @@ def main(argv: list[str] | None = None) -> None:
         "rl": {"kept": len(rl), "rejected": dict(counts["rl"])},
         "expert": {"kept": len(expert), "rejected": dict(counts["expert"])},
     }
-    with open(os.path.join(args.output_dir, "summary.json"), "w", encoding="utf-8") as file:
-        json.dump(summary, file, indent=2)
-    print(f"Wrote {args.output_dir}/expert_solutions.parquet, rl_prompts.parquet and summary.json.")
+    write_outputs(args.output_dir, {"expert_solutions.parquet": expert, "rl_prompts.parquet": rl}, summary)

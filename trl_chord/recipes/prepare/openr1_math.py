@@ -29,14 +29,13 @@ Both sets also carry the source row's `uuid` and `source`, so the split can be t
 """
 
 import argparse
-import json
-import os
 from collections import Counter
 
 from datasets import Dataset
 from tqdm import tqdm
 
-from trl_chord.recipes.data_files import format_counts, load_dataset_file_or_hub, write_jsonl
+from trl_chord.recipes.data_files import format_counts, load_dataset_file_or_hub
+from trl_chord.recipes.prepare import check_sizes, preparation_parser, write_outputs
 
 
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -51,16 +50,13 @@ DUPLICATE_PROBLEM = "duplicate problem"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="trl-chord prepare openr1_math", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = preparation_parser(
+        "openr1_math",
+        __doc__,
+        num_sft=(5000, "Expert examples to keep (paper: 5000)."),
+        num_rl=(20000, "RL prompts to keep (paper: 20000)."),
+        dataset="open-r1/OpenR1-Math-220k",
     )
-    parser.add_argument(
-        "--dataset", default="open-r1/OpenR1-Math-220k", help="Hub id, or a local .json/.jsonl/.parquet file."
-    )
-    parser.add_argument("--split", default="train", help="Split to read (default: train).")
-    parser.add_argument("--output_dir", required=True, help="Folder for the output files (created if missing).")
-    parser.add_argument("--num_sft", type=int, default=5000, help="Expert examples to keep (paper: 5000).")
-    parser.add_argument("--num_rl", type=int, default=20000, help="RL prompts to keep (paper: 20000).")
     parser.add_argument(
         "--tokenizer", help="Hub id or local path of the policy's tokenizer; --max_expert_tokens counts its tokens."
     )
@@ -75,12 +71,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="Also re-check each expert solution's last \\boxed{} answer against `answer` with math-verify.",
     )
-    parser.add_argument("--seed", type=int, default=42, help="Seed of the shuffle that decides the split.")
     args = parser.parse_args(argv)
     if (args.tokenizer is None) != (args.max_expert_tokens is None):
         parser.error("--tokenizer and --max_expert_tokens go together: the limit is counted in that tokenizer.")
-    if args.num_sft < 0 or args.num_rl < 0:
-        parser.error("--num_sft and --num_rl must not be negative.")
+    check_sizes(parser, args)
     return args
 
 
@@ -202,10 +196,5 @@ def main(argv: list[str] | None = None) -> None:
     # Reading fewer columns row by row is faster: OpenR1 also holds each problem's generations a second time
     rows = rows.select_columns([column for column in COLUMNS_READ + PROVENANCE_COLUMNS if column in rows.column_names])
     expert, rl, counts = split_rows(rows.shuffle(seed=args.seed), args, picker)
-    os.makedirs(args.output_dir, exist_ok=True)
-    write_jsonl(os.path.join(args.output_dir, "expert_solutions.jsonl"), expert)
-    write_jsonl(os.path.join(args.output_dir, "rl_prompts.jsonl"), rl)
-    summary = report(expert, rl, counts, args)
-    with open(os.path.join(args.output_dir, "summary.json"), "w", encoding="utf-8") as file:
-        json.dump(summary, file, indent=2)
-    print(f"Wrote {args.output_dir}/expert_solutions.jsonl, rl_prompts.jsonl and summary.json.")
+    sets = {"expert_solutions.jsonl": expert, "rl_prompts.jsonl": rl}
+    write_outputs(args.output_dir, sets, report(expert, rl, counts, args))

@@ -39,14 +39,14 @@ Outputs, in `--output_dir`:
 import argparse
 import ast
 import json
-import os
 import re
 from collections import Counter
 
 from datasets import Dataset
 from tqdm import tqdm
 
-from trl_chord.recipes.data_files import format_counts, load_dataset_file_or_hub, write_jsonl
+from trl_chord.recipes.data_files import format_counts, load_dataset_file_or_hub
+from trl_chord.recipes.prepare import check_sizes, preparation_parser, write_outputs
 
 
 ROLES = {"user", "assistant", "tool"}
@@ -79,18 +79,15 @@ class CallParseError(SkipRow):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="trl-chord prepare toolace", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = preparation_parser(
+        "toolace",
+        __doc__,
+        num_sft=(500, "Expert conversations to keep (paper: 500)."),
+        num_rl=(5000, "RL prompts to keep (paper: 5000)."),
+        dataset="Team-ACE/ToolACE",
     )
-    parser.add_argument("--dataset", default="Team-ACE/ToolACE", help="Hub id, or a local .json/.jsonl/.parquet file.")
-    parser.add_argument("--split", default="train", help="Split to read (default: train).")
-    parser.add_argument("--output_dir", required=True, help="Folder for the output files (created if missing).")
-    parser.add_argument("--num_sft", type=int, default=500, help="Expert conversations to keep (paper: 500).")
-    parser.add_argument("--num_rl", type=int, default=5000, help="RL prompts to keep (paper: 5000).")
-    parser.add_argument("--seed", type=int, default=42, help="Seed of the shuffle that decides the split.")
     args = parser.parse_args(argv)
-    if args.num_sft < 0 or args.num_rl < 0:
-        parser.error("--num_sft and --num_rl must not be negative.")
+    check_sizes(parser, args)
     return args
 
 
@@ -279,10 +276,5 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     rows = load_dataset_file_or_hub(args.dataset, split=args.split).shuffle(seed=args.seed)
     expert, rl, counts = split_rows(rows, args)
-    os.makedirs(args.output_dir, exist_ok=True)
-    write_jsonl(os.path.join(args.output_dir, "expert_conversations.jsonl"), expert)
-    write_jsonl(os.path.join(args.output_dir, "rl_prompts.jsonl"), rl)
-    summary = report(expert, rl, counts, args)
-    with open(os.path.join(args.output_dir, "summary.json"), "w", encoding="utf-8") as file:
-        json.dump(summary, file, indent=2)
-    print(f"Wrote {args.output_dir}/expert_conversations.jsonl, rl_prompts.jsonl and summary.json.")
+    sets = {"expert_conversations.jsonl": expert, "rl_prompts.jsonl": rl}
+    write_outputs(args.output_dir, sets, report(expert, rl, counts, args))
