@@ -1,4 +1,5 @@
-"""CHORD for TRL: on-policy GRPO (or RLOO) mixed with an SFT term on expert demonstrations (arXiv 2508.11408)."""
+"""CHORD for TRL: on-policy GRPO (or RLOO) mixed with an SFT term on expert demonstrations (arXiv 2508.11408), and
+LUFFY (arXiv 2504.14945): expert completions inside GRPO's groups."""
 
 from typing import TYPE_CHECKING
 
@@ -9,11 +10,16 @@ __all__ = [
     "ChordAsyncGRPOConfig",
     "ChordAsyncGRPOTrainer",
     "ChordConfig",
+    "ChordLuffyConfig",
+    "ChordLuffyTrainer",
     "ChordMuCallback",
     "ChordOptions",
     "ChordRLOOConfig",
     "ChordRLOOTrainer",
     "ChordTrainer",
+    "LuffyConfig",
+    "LuffyOptions",
+    "LuffyTrainer",
     "adaptive_chord_mu",
     "chord_mu",
     "expert_sft_loss",
@@ -28,6 +34,8 @@ if TYPE_CHECKING:
     from .chord_rloo import ChordRLOOConfig, ChordRLOOTrainer
     from .chord_trainer import ChordTrainer
     from .losses import expert_sft_loss, phi_token_weights, token_weights
+    from .luffy_config import ChordLuffyConfig, LuffyConfig, LuffyOptions
+    from .luffy_trainer import ChordLuffyTrainer, LuffyTrainer
     from .schedule import adaptive_chord_mu, chord_mu
 
 
@@ -45,6 +53,10 @@ def __getattr__(name: str):
         from . import callbacks as module
     elif name == "ChordTrainer":
         from . import chord_trainer as module
+    elif name in ("ChordLuffyConfig", "LuffyConfig", "LuffyOptions"):
+        from . import luffy_config as module
+    elif name in ("ChordLuffyTrainer", "LuffyTrainer"):
+        from . import luffy_trainer as module
     elif name in ("expert_sft_loss", "phi_token_weights", "token_weights"):
         from . import losses as module
     elif name in ("adaptive_chord_mu", "chord_mu"):

@@ -81,6 +81,22 @@ CHORD_OPTIONS_DOC = """
 """
 
 
+def use_activation_checkpointing_names(config) -> None:
+    """
+    transformers 5.x renamed `gradient_checkpointing(_kwargs)` to `activation_checkpointing(_kwargs)` and warns
+    whenever the old name is set, which GRPOConfig does by default (True) and the shipped configs do (the old name is
+    the only one transformers 4 knows). Passed on under the new name, where there is one, the setting is the same and
+    nothing warns; a value given under the new name wins, as in transformers. Called before `TrainingArguments`'s
+    `__post_init__`.
+    """
+    for old, new in (
+        ("gradient_checkpointing", "activation_checkpointing"),
+        ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
+    ):
+        if hasattr(config, new) and getattr(config, new) is None and getattr(config, old) is not None:
+            setattr(config, new, getattr(config, old))
+
+
 def documented(config_class: type) -> type:
     """Append [`CHORD_OPTIONS_DOC`] to a CHORD config's docstring: one text for the chord_* options of every config."""
     config_class.__doc__ = config_class.__doc__.rstrip() + "\n" + CHORD_OPTIONS_DOC
@@ -264,16 +280,7 @@ class ChordOptions:
                 f"`chord_token_weighting` must be one of {TOKEN_WEIGHTINGS}, got {self.chord_token_weighting!r}."
             )
         self.chord_enable_phi_function = self.chord_token_weighting == "phi"
-        # transformers 5.x renamed `gradient_checkpointing(_kwargs)` to `activation_checkpointing(_kwargs)` and warns
-        # whenever the old name is set, which GRPOConfig does by default (True) and the shipped configs do (the old
-        # name is the only one transformers 4 knows). Passed on under the new name, where there is one, the setting
-        # is the same and nothing warns; a value given under the new name wins, as in transformers.
-        for old, new in (
-            ("gradient_checkpointing", "activation_checkpointing"),
-            ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
-        ):
-            if hasattr(self, new) and getattr(self, new) is None and getattr(self, old) is not None:
-                setattr(self, new, getattr(self, old))
+        use_activation_checkpointing_names(self)
         super().__post_init__()
 
 
