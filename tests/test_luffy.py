@@ -2,9 +2,12 @@
 k = 0 baseline, the vLLM seam, resume, CHORD's expert term alongside, and the bad inputs."""
 
 import logging
+import os
+import sys
 
 import pytest
 import torch
+from bounded_run import run_bounded
 from datasets import Dataset
 from helpers import PLAIN_SGD, logged, make_expert_dataset, trained_update, weights
 from luffy_oracle import (
@@ -482,3 +485,67 @@ def test_the_recipe_takes_the_shipped_luffy_config_with_the_authors_settings():
     assert args.luffy_num_expert_completions == 1 and args.num_generations == 8
     defaults = LuffyConfig(output_dir="x", use_cpu=True, bf16=False)
     assert (defaults.loss_type, defaults.scale_rewards, defaults.epsilon, defaults.entropy_coef) == settings[:4]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Two processes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [None, 3], ids=["ddp", "zero3"])
+def test_two_processes_train_the_papers_objective_on_a_group_that_spans_them(tiny_model_dir, tmp_path, zero_stage):
+    # One group of 4 per step, 2 rows on each process: its expert completion is on process 1, so process 0's
+    # advantages need it in the group mean across processes. The update (plain SGD, 2 accumulated micro-steps on each
+    # process) must be -lr times the mean over processes of the summed gradients of the paper's objective on each
+    # micro-batch, with advantages over the whole group: computed here from the rows each process scored
+    script = os.path.join(os.path.dirname(__file__), "scripts", "luffy_multiprocess.py")
+    command = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2", script]
+    command += ["--model", tiny_model_dir, "--output", str(tmp_path)]
+    if zero_stage is not None:
+        command += ["--zero-stage", str(zero_stage)]
+    completed = run_bounded(command, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+    assert [rank["num_processes"] for rank in ranks] == [2, 2]
+    if zero_stage is None:  # (under ZeRO-3 the weights are gathered on process 0 only)
+        assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"] is not None
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rollouts = [row for rank in ranks for row in rank["rollouts"]]  # TRL's order: process 0's rows, then 1's
+    prompt = rollouts[0][0]
+    assert len(rollouts) == 4 and all(row[0] == prompt for row in rollouts)
+    expert_text = luffy_prompts()[int(prompt[0]["content"][0])]["expert_completion"]
+    expert_ids = expert_token_ids(tokenizer, prompt, expert_text, 16)
+    assert [row[1] == expert_ids for row in rollouts] == [False, False, False, True]
+    assert rollouts[3][2] == 1.0 and len({row[2] for row in rollouts}) > 1
+
+    rewards = [row[2] for row in rollouts]
+    advantages = dict(zip([tuple(row[1]) for row in rollouts], group_advantages(rewards, 4), strict=True))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    loss = 0.0
+    for rank in ranks:
+        assert len(rank["micro_batches"]) == 2
+        for batch in rank["micro_batches"]:
+            rows = []
+            for row in range(batch["completion_ids"].size(0)):
+                prompt_ids = batch["prompt_ids"][row][batch["prompt_mask"][row].bool()].tolist()
+                completion_ids = batch["completion_ids"][row][batch["completion_mask"][row].bool()].tolist()
+                advantage = advantages[tuple(completion_ids)]
+                # The trainer's advantage for the row is the oracle's: the group mean took in the other process's rows
+                assert batch["advantages"][row].item() == pytest.approx(advantage, abs=1e-6)
+                assert batch["luffy_off_policy"][row].item() == (completion_ids == expert_ids)
+                rows.append((prompt_ids, completion_ids, advantage, completion_ids == expert_ids))
+            micro_loss, _ = luffy_objective_loss(model, rows, 0.1, 16, 0.001)
+            loss = loss + micro_loss / 2 / 2  # over the 2 accumulation steps, then the mean over the 2 processes
+    loss.backward()
+    trained = torch.load(tmp_path / "weights.pt")
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    checked = 0
+    for name, param in model.named_parameters():
+        if name not in trained:  # the tied output embedding is saved once
+            continue
+        expected = -PLAIN_SGD["learning_rate"] * param.grad
+        torch.testing.assert_close(trained[name] - initial[name], expected, rtol=1e-4, atol=1e-6, msg=name)
+        checked += 1
+    assert checked > 10 and max(param.grad.abs().max().item() for param in model.parameters()) > 1e-4
+    assert ranks[0]["logs"]["luffy/expert_reward"] == ranks[1]["logs"]["luffy/expert_reward"] == 1.0
