@@ -549,3 +549,16 @@ def test_two_processes_train_the_papers_objective_on_a_group_that_spans_them(tin
         checked += 1
     assert checked > 10 and max(param.grad.abs().max().item() for param in model.parameters()) > 1e-4
     assert ranks[0]["logs"]["luffy/expert_reward"] == ranks[1]["logs"]["luffy/expert_reward"] == 1.0
+
+
+def test_the_readmes_luffy_example_runs(tmp_path, monkeypatch):
+    # The README's LUFFY example as a user pastes it (2 steps instead of 10), in an empty folder
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
+    section = readme.split("## LUFFY: expert completions inside GRPO's groups")[1]
+    example = section.split("```python")[1].split("```")[0]
+    assert "max_steps=10" in example
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(example.replace("max_steps=10", "max_steps=2"), "README.md", "exec"), namespace)
+    assert namespace["trainer"].state.global_step == 2
+    assert set(logged(namespace["trainer"], "luffy/expert_reward")) == {1.0}  # every expert answer is right
