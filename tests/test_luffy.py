@@ -460,6 +460,15 @@ def test_unused_luffy_options_are_not_checked_with_luffy_off(tmp_path):
     assert args.loss_type == "cispo"
 
 
+def test_chord_luffy_config_from_a_grpo_config_keeps_its_values(tmp_path):
+    grpo_args = GRPOConfig(
+        output_dir=str(tmp_path), learning_rate=3e-6, num_generations=4, loss_type="grpo", bf16=False, use_cpu=True
+    )
+    args = ChordLuffyConfig.from_grpo_config(grpo_args, chord_mu_valley=0.2, luffy_gamma=0.3)
+    assert (args.learning_rate, args.num_generations, args.loss_type, args.scale_rewards) == (3e-6, 4, "grpo", "group")
+    assert (args.chord_mu_valley, args.luffy_gamma, args.luffy_num_expert_completions) == (0.2, 0.3, 1)
+
+
 def test_chord_luffy_refuses_the_adaptive_mu(tmp_path):
     with pytest.raises(ValueError, match="include its expert completions"):
         luffy_config(tmp_path, ChordLuffyConfig, chord_mu_schedule="adaptive")
@@ -473,6 +482,19 @@ def test_luffy_trainer_refusals(tiny_model_dir, tmp_path):
 
     with pytest.raises(ValueError, match="tool calls, environments or a `rollout_func`"):
         luffy_trainer(tiny_model_dir, luffy_config(tmp_path), rollout_func=lambda prompts, trainer: {})
+
+
+def test_the_recipe_picks_the_luffy_trainers_and_the_demo_refuses_them(tmp_path):
+    from trl_chord.recipes.chord import main, parse_args, trainer_classes
+
+    cpu = ["--output_dir", str(tmp_path), "--use_cpu", "true", "--bf16", "false"]
+    assert trainer_classes("luffy") == (LuffyConfig, LuffyTrainer)
+    assert trainer_classes("chord_luffy") == (ChordLuffyConfig, ChordLuffyTrainer)
+    options = ["--trainer", "chord_luffy", "--luffy_gamma", "0.2", "--chord_mu_valley", "0"]
+    script, args, model = parse_args([*cpu, *options])
+    assert type(args) is ChordLuffyConfig and (args.luffy_gamma, args.chord_mu_valley) == (0.2, 0.0)
+    with pytest.raises(ValueError, match="The built-in demo is CHORD's"):
+        main(script, args, model)
 
 
 def test_the_recipe_takes_the_shipped_luffy_config_with_the_authors_settings():
