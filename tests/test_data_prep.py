@@ -141,6 +141,62 @@ def test_openr1_math_split_with_token_limit(math_source, tmp_path, tiny_model_di
     assert math_accuracy_reward(boxed, solution=[example["solution"] for example in rl]) == [1.0] * len(rl)
 
 
+def test_openr1_math_luffy_prompts_hold_both_sets_with_the_expert_solutions(
+    math_source, tmp_path, tiny_model_dir, tiny_tokenizer, caplog
+):
+    # With --luffy, the same split, plus LUFFY's RL prompts: every problem of both sets, the expert set's with its
+    # solution as `expert_completion`, the RL set's with none; an expert problem whose answer is "proof" is left out
+    output_dir = tmp_path / "out"
+    arguments = ("--dataset", math_source, "--num_sft", "10", "--num_rl", "10", "--tokenizer", tiny_model_dir)
+    arguments += ("--max_expert_tokens", str(MAX_EXPERT_TOKENS))
+    stdout = run_script("openr1_math", tmp_path, *arguments, "--output_dir", str(output_dir), "--luffy")
+    assert "LUFFY prompts: 7, 4 with an expert solution." in stdout and "luffy_prompts.jsonl" in stdout
+    expert = read_jsonl(output_dir / "expert_solutions.jsonl")
+    rl = read_jsonl(output_dir / "rl_prompts.jsonl")
+    luffy = read_jsonl(output_dir / "luffy_prompts.jsonl")
+    assert all(set(example) == {"prompt", "solution", "expert_completion", "uuid", "source"} for example in luffy)
+    by_uuid = {example["uuid"]: example for example in luffy}
+    assert set(by_uuid) == {example["uuid"] for example in expert + rl}
+    for example in expert:
+        assert by_uuid[example["uuid"]]["expert_completion"] == example["completion"]
+        assert by_uuid[example["uuid"]]["prompt"] == example["prompt"]
+    for example in rl:
+        assert by_uuid[example["uuid"]]["expert_completion"] is None
+        assert by_uuid[example["uuid"]]["solution"] == example["solution"]
+    assert by_uuid["b"]["solution"] == "9" and by_uuid["h"]["solution"] == "2"
+    summary = json.loads((output_dir / "summary.json").read_text())
+    assert summary["luffy"] == {"kept": 7, "with_expert": 4, "rejected": {}}
+    # Without --luffy the file is not written, and the other two are the same
+    run_script("openr1_math", tmp_path, *arguments, "--output_dir", str(tmp_path / "plain"))
+    assert not (tmp_path / "plain" / "luffy_prompts.jsonl").exists()
+    assert read_jsonl(tmp_path / "plain" / "expert_solutions.jsonl") == expert
+    assert read_jsonl(tmp_path / "plain" / "rl_prompts.jsonl") == rl
+
+    # The file loads as the RL dataset of LuffyTrainer, which counts the prompts without an expert solution
+    from trl_chord import LuffyConfig, LuffyTrainer
+
+    prompts = load_dataset("json", data_files=str(output_dir / "luffy_prompts.jsonl"), split="train")
+    args = LuffyConfig(output_dir=str(tmp_path / "run"), num_generations=2, per_device_train_batch_size=2, bf16=False)
+    with caplog.at_level("WARNING"):
+        LuffyTrainer(
+            tiny_model_dir, math_accuracy_reward, args, train_dataset=prompts, processing_class=tiny_tokenizer
+        )
+    assert "3 of 7 RL prompts have no expert completion in 'expert_completion'" in caplog.text
+
+
+def test_openr1_math_luffy_keeps_expert_problems_with_a_checkable_answer_only(tmp_path):
+    rows = [
+        math_row("p", "Show that 2 is prime.", "proof", [short("2")], [True]),
+        math_row("q", "What is 5+5?", "10", [short("10")], [True]),
+    ]
+    source = write_jsonl(tmp_path / "rows.jsonl", rows)
+    run_script("openr1_math", tmp_path, "--dataset", source, "--output_dir", str(tmp_path / "out"), "--luffy")
+    luffy = read_jsonl(tmp_path / "out" / "luffy_prompts.jsonl")
+    assert [example["uuid"] for example in luffy] == ["q"]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["luffy"]["rejected"] == {"expert problem with no checkable answer": 1}
+
+
 def test_openr1_math_reverify_and_caps(math_source, tmp_path):
     run_script(
         "openr1_math",

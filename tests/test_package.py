@@ -15,6 +15,7 @@ import zipfile
 from types import SimpleNamespace
 
 import pytest
+import yaml
 from bounded_run import run_bounded
 
 
@@ -121,6 +122,7 @@ def test_distributions_hold_the_package_and_the_checkout_files(wheel_install):
     shipped = {
         "trl_chord/py.typed",
         "trl_chord/recipes/configs/demo.yaml",
+        "trl_chord/recipes/configs/math_luffy.yaml",
         "trl_chord/recipes/accelerate/zero3.yaml",
         "trl_chord/recipes/prepare/openr1_math.py",
         "trl_chord/recipes/prepare/toolace.py",
@@ -172,11 +174,13 @@ def header_commands(config_file: str) -> dict[str, str]:
     return commands
 
 
-# What turns a paper run into a few-second one: a tiny local model, 2 steps of 4 short completions
+# What turns a paper run into a few-second one: a tiny local model, 2 steps of 4 short completions (and, for a
+# config with CHORD's expert term, one expert example per micro-step)
 TINY_RUN = (
     "--max_steps 2 --logging_steps 1 --save_strategy no --per_device_train_batch_size 4 --num_generations 4 "
-    "--gradient_accumulation_steps 1 --max_completion_length 8 --chord_sft_per_device_train_batch_size 1"
+    "--gradient_accumulation_steps 1 --max_completion_length 8"
 )
+TINY_EXPERT_BATCH = "--chord_sft_per_device_train_batch_size 1"
 NOISE = ("Failed to load CPU gemm_4bit_forward", "`gradient_checkpointing` is deprecated", "Traceback")
 
 
@@ -242,11 +246,15 @@ def test_every_shipped_config_runs_as_its_header_says(wheel_install, tmp_path):
     for name, command in runs.items():
         model = tmp_path / ("tiny-vlm" if name == "geometry_vlm_chord" else "tiny-model")
         output_dir = tmp_path / name
+        with open(config_files[name]) as file:
+            luffy_alone = yaml.safe_load(file).get("trainer") == "luffy"  # LUFFY without CHORD's expert term
+        tiny_run = TINY_RUN if luffy_alone else f"{TINY_RUN} {TINY_EXPERT_BATCH}"
         completed = run_header_command(
-            f"{command} --model_name_or_path {model} --output_dir {output_dir} {TINY_RUN}", wheel_install
+            f"{command} --model_name_or_path {model} --output_dir {output_dir} {tiny_run}", wheel_install
         )
         assert f"Model: {output_dir}" in completed.stdout, name
         entries = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-        assert [entry["step"] for entry in entries if "chord/mu" in entry] == [1, 2], name
+        logged_every_step = "luffy/missing_expert_frac" if luffy_alone else "chord/mu"
+        assert [entry["step"] for entry in entries if logged_every_step in entry] == [1, 2], name
         weights = "adapter_model.safetensors" if name == "math_chord_phi_lora" else "model.safetensors"
         assert (output_dir / weights).exists(), name

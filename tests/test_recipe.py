@@ -9,7 +9,7 @@ import yaml
 from bounded_run import run_bounded
 from helpers import async_grpo_unavailable
 
-from trl_chord import ChordConfig
+from trl_chord import ChordConfig, LuffyConfig
 from trl_chord.cli import main as cli_main
 from trl_chord.recipes import config_path, shipped_configs
 from trl_chord.recipes.chord import ChordScriptArguments, parse_args
@@ -65,12 +65,14 @@ def test_shipped_configs_parse_by_name():
         "math_chord_mu",
         "math_chord_phi",
         "math_chord_phi_lora",
+        "math_luffy",
         "tool_chord_phi",
     }
     for name, path in training_configs.items():
         # GPU configs set bf16, which the arguments refuse on a machine without a GPU unless told to use the CPU
         script_args, training_args, model_args = parse_args(["--config", name, "--use_cpu", "true"])
-        assert isinstance(script_args, ChordScriptArguments) and isinstance(training_args, ChordConfig), name
+        config_class = LuffyConfig if name == "math_luffy" else ChordConfig
+        assert isinstance(script_args, ChordScriptArguments) and isinstance(training_args, config_class), name
         with open(path) as file:
             for key, value in yaml.safe_load(file).items():
                 owners = [a for a in (script_args, training_args, model_args) if hasattr(a, key)]
@@ -362,7 +364,7 @@ def test_the_trainer_option_picks_the_trainer_and_its_config(tmp_path):
     config.write_text("trainer: rloo\nchord_mu_valley: 0.2\n")
     assert isinstance(parse_args([*cpu, "--config", str(config)])[1], ChordRLOOConfig)
     assert type(parse_args([*cpu, "--config", str(config), "--trainer", "grpo"])[1]) is ChordConfig
-    with pytest.raises(ValueError, match="--trainer must be one of grpo, rloo, async_grpo, got 'ppo'"):
+    with pytest.raises(ValueError, match="--trainer must be one of grpo, rloo, async_grpo, luffy, chord_luffy, got"):
         trainer_classes("ppo")
     # The GRPO options another trainer lacks are refused by name
     with pytest.raises(ValueError, match="scale_rewards"):

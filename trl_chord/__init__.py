@@ -1,4 +1,5 @@
-"""CHORD for TRL: on-policy GRPO (or RLOO) mixed with an SFT term on expert demonstrations (arXiv 2508.11408)."""
+"""CHORD for TRL: on-policy GRPO (or RLOO) mixed with an SFT term on expert demonstrations (arXiv 2508.11408), and
+LUFFY (arXiv 2504.14945): expert completions inside GRPO's groups."""
 
 import importlib
 from typing import TYPE_CHECKING
@@ -15,6 +16,8 @@ _import_structure = {
     "chord_rloo": ["ChordRLOOConfig", "ChordRLOOTrainer"],
     "chord_trainer": ["ChordTrainer"],
     "losses": ["expert_sft_loss", "phi_token_weights", "token_weights"],
+    "luffy_config": ["ChordLuffyConfig", "LuffyConfig", "LuffyOptions"],
+    "luffy_trainer": ["ChordLuffyTrainer", "LuffyTrainer"],
     "schedule": ["adaptive_chord_mu", "chord_mu"],
 }
 _module_of = {name: module for module, names in _import_structure.items() for name in names}
@@ -27,6 +30,8 @@ if TYPE_CHECKING:  # the same names, for type checkers
     from .chord_rloo import ChordRLOOConfig, ChordRLOOTrainer  # noqa: F401
     from .chord_trainer import ChordTrainer  # noqa: F401
     from .losses import expert_sft_loss, phi_token_weights, token_weights  # noqa: F401
+    from .luffy_config import ChordLuffyConfig, LuffyConfig, LuffyOptions  # noqa: F401
+    from .luffy_trainer import ChordLuffyTrainer, LuffyTrainer  # noqa: F401
     from .schedule import adaptive_chord_mu, chord_mu  # noqa: F401
 
 

@@ -100,6 +100,22 @@ def checked_chord_args(config_class: type, args, model, trainer_name: str):
     return args
 
 
+def use_activation_checkpointing_names(config) -> None:
+    """
+    transformers 5.x renamed `gradient_checkpointing(_kwargs)` to `activation_checkpointing(_kwargs)` and warns
+    whenever the old name is set, which GRPOConfig does by default (True) and the shipped configs do (the old name is
+    the only one transformers 4 knows). Passed on under the new name, where there is one, the setting is the same and
+    nothing warns; a value given under the new name wins, as in transformers. Called before `TrainingArguments`'s
+    `__post_init__`.
+    """
+    for old, new in (
+        ("gradient_checkpointing", "activation_checkpointing"),
+        ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
+    ):
+        if hasattr(config, new) and getattr(config, new) is None and getattr(config, old) is not None:
+            setattr(config, new, getattr(config, old))
+
+
 def documented(config_class: type) -> type:
     """Append [`CHORD_OPTIONS_DOC`] to a CHORD config's docstring: one text for the chord_* options of every config."""
     config_class.__doc__ = config_class.__doc__.rstrip() + "\n" + CHORD_OPTIONS_DOC
@@ -227,16 +243,7 @@ class ChordOptions:
     def __post_init__(self):
         self._check_schedule_and_sizes()
         self._check_expert_term_options()
-        # transformers 5.x renamed `gradient_checkpointing(_kwargs)` to `activation_checkpointing(_kwargs)` and warns
-        # whenever the old name is set, which GRPOConfig does by default (True) and the shipped configs do (the old
-        # name is the only one transformers 4 knows). Passed on under the new name, where there is one, the setting
-        # is the same and nothing warns; a value given under the new name wins, as in transformers.
-        for old, new in (
-            ("gradient_checkpointing", "activation_checkpointing"),
-            ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
-        ):
-            if hasattr(self, new) and getattr(self, new) is None and getattr(self, old) is not None:
-                setattr(self, new, getattr(self, old))
+        use_activation_checkpointing_names(self)
         super().__post_init__()
 
     def _check_schedule_and_sizes(self) -> None:

@@ -23,7 +23,16 @@ from transformers import AutoProcessor
 from transformers.utils import is_torch_bf16_gpu_available
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
-from .. import ChordConfig, ChordRLOOConfig, ChordRLOOTrainer, ChordTrainer
+from .. import (
+    ChordConfig,
+    ChordLuffyConfig,
+    ChordLuffyTrainer,
+    ChordRLOOConfig,
+    ChordRLOOTrainer,
+    ChordTrainer,
+    LuffyConfig,
+    LuffyTrainer,
+)
 from ..chord_config import ChordOptions
 from ..demo.addition import addition_reward, demo_datasets
 from ..demo.heldout import HeldOutEvaluationCallback
@@ -34,13 +43,17 @@ from . import CommandLineError, config_path
 from .data_files import load_dataset_file_or_hub
 
 
-TRAINERS = ("grpo", "rloo", "async_grpo")
+TRAINERS = ("grpo", "rloo", "async_grpo", "luffy", "chord_luffy")
 
 
 def trainer_classes(trainer: str) -> tuple[type, type]:
-    """The CHORD config and trainer of `--trainer` (AsyncGRPOTrainer, TRL's experimental API, is imported on use)."""
+    """The config and trainer of `--trainer` (AsyncGRPOTrainer, TRL's experimental API, is imported on use)."""
     if trainer == "grpo":
         return ChordConfig, ChordTrainer
+    if trainer == "luffy":
+        return LuffyConfig, LuffyTrainer
+    if trainer == "chord_luffy":
+        return ChordLuffyConfig, ChordLuffyTrainer
     if trainer == "rloo":
         return ChordRLOOConfig, ChordRLOOTrainer
     if trainer == "async_grpo":
@@ -102,9 +115,11 @@ class ChordScriptArguments:
         heldout_eval_steps (`int`, *optional*, defaults to `25`):
             Built-in task only: held-out accuracy is measured every this many optimizer steps.
         trainer (`str`, *optional*, defaults to `"grpo"`):
-            The trainer of the on-policy term: `"grpo"` ([`ChordTrainer`]), `"rloo"` ([`ChordRLOOTrainer`]) or
+            The trainer of the on-policy term: `"grpo"` ([`ChordTrainer`]), `"rloo"` ([`ChordRLOOTrainer`]),
             `"async_grpo"` ([`ChordAsyncGRPOTrainer`]: rollouts from a vLLM server, `--vllm_server_base_url`, in TRL's
-            asynchronous GRPO). It decides which config's options the run takes.
+            asynchronous GRPO), `"luffy"` ([`LuffyTrainer`]: LUFFY alone, the expert completions in a column of the
+            RL prompts, no `--chord_sft_dataset`) or `"chord_luffy"` ([`ChordLuffyTrainer`]: LUFFY with CHORD's SFT
+            term). It decides which config's options the run takes.
     """
 
     dataset_name: str | None = field(
@@ -134,8 +149,10 @@ class ChordScriptArguments:
     trainer: str = field(
         default="grpo",
         metadata={
-            "help": "Trainer of the on-policy term: grpo (ChordTrainer), rloo (ChordRLOOTrainer) or async_grpo "
-            "(ChordAsyncGRPOTrainer, rollouts from a vLLM server). The run takes that trainer's config options.",
+            "help": "Trainer of the on-policy term: grpo (ChordTrainer), rloo (ChordRLOOTrainer), async_grpo "
+            "(ChordAsyncGRPOTrainer, rollouts from a vLLM server), luffy (LuffyTrainer: LUFFY alone, no expert "
+            "dataset) or chord_luffy (ChordLuffyTrainer: LUFFY with CHORD's SFT term). The run takes that trainer's "
+            "config options.",
             "choices": list(TRAINERS),
         },
     )
@@ -201,6 +218,11 @@ def check_trainer_options(script_args: ChordScriptArguments, model_args: ModelCo
             "The built-in demo runs with GRPO or RLOO (--trainer grpo or rloo): --trainer async_grpo needs a vLLM "
             "server for its rollouts, and the demo's held-out evaluation generates with the policy, which "
             "AsyncGRPOTrainer loads with its packed attention. Give --model_name_or_path and --dataset_name."
+        )
+    if builtin_task and script_args.trainer in ("luffy", "chord_luffy"):
+        raise ValueError(
+            "The built-in demo is CHORD's: LUFFY needs RL prompts that carry their expert completions (a column, "
+            "`--luffy_expert_column`). Give --dataset_name and --model_name_or_path (`trl-chord --config math_luffy`)."
         )
     if script_args.trainer == "async_grpo":
         # AsyncGRPOTrainer loads the model itself: with its packed attention, in its config's own `dtype`
@@ -328,7 +350,8 @@ USAGE = """trl-chord [--config NAME_OR_FILE] [--OPTION VALUE ...]    train (the 
 
 DESCRIPTION = """\
 Train with CHORD: (1 - mu) * GRPO + mu * SFT on expert demonstrations (--trainer rloo or async_grpo: RLOO or TRL's
-asynchronous GRPO in GRPO's place, with its config's options). Every option below is a flag, and any of them
+asynchronous GRPO in GRPO's place, with its config's options), or with LUFFY (--trainer luffy: expert completions
+inside GRPO's groups; chord_luffy: both). Every option below is a flag, and any of them
 can come from --config: a YAML file, or the name of a shipped config (`trl-chord configs` lists them: demo,
 math_chord_phi, ...); flags on the command line win over the file. `trl-chord --config demo` runs the built-in demo.
 Without a GPU, add --use_cpu true --bf16 false (the demo config sets them)."""

@@ -12,7 +12,8 @@ from .. import CommandLineError
 
 # Each preparer's module name and what it makes, listed without importing it (they import `datasets`)
 PREPARERS = {
-    "openr1_math": "OpenR1-Math-220k -> expert solutions and RL prompts (math_chord_mu, math_chord_phi, _lora)",
+    "openr1_math": "OpenR1-Math-220k -> expert solutions and RL prompts (math_chord_mu, math_chord_phi, _lora); with "
+    "--luffy, LUFFY's prompts with their expert solutions (math_luffy)",
     "toolace": "ToolACE -> expert conversations and RL prompts with reference calls (tool_chord_phi)",
     "geometry3k": "Geometry3K and expert solutions -> RL prompts and experts with their images (geometry_vlm_chord)",
 }

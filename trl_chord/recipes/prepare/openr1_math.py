@@ -23,9 +23,14 @@ Outputs, in `--output_dir`:
   `expert_dataset` of `ChordTrainer`.
 - `rl_prompts.jsonl`: `prompt` ([user message]) and `solution` (the reference answer, which
   `trl_chord.rewards.math_accuracy_reward` reads); the `train_dataset`.
+- `luffy_prompts.jsonl`, with `--luffy`: the RL prompts of LUFFY (`math_luffy`), on the same problems and expert
+  solutions as the two sets above: every problem of both sets, each with `prompt`, `solution` and
+  `expert_completion`, the expert set's solution ([assistant message]) for its problems and `null` for the RL set's
+  (LUFFY trains those groups on rollouts alone). An expert problem whose `answer` cannot be checked is left out.
+  With `--num_rl 0` every prompt has an expert solution, as in the LUFFY authors' own data.
 - `summary.json`: the arguments and the counts of kept and dropped rows, by reason (also printed).
 
-Both sets also carry the source row's `uuid` and `source`, so the split can be traced back.
+Every set also carries the source row's `uuid` and `source`, so the split can be traced back.
 """
 
 import argparse
@@ -70,6 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--reverify",
         action="store_true",
         help="Also re-check each expert solution's last \\boxed{} answer against `answer` with math-verify.",
+    )
+    parser.add_argument(
+        "--luffy",
+        action="store_true",
+        help="Also write luffy_prompts.jsonl: both sets' problems as LUFFY's RL prompts, with the expert solution "
+        "in an `expert_completion` column (null for the RL set's problems).",
     )
     args = parser.parse_args(argv)
     if (args.tokenizer is None) != (args.max_expert_tokens is None):
@@ -142,10 +153,17 @@ def provenance(row: dict) -> dict:
     return {column: row[column] for column in PROVENANCE_COLUMNS if column in row}
 
 
-def split_rows(rows: Dataset, args: argparse.Namespace, picker: ExpertPicker) -> tuple[list, list, dict]:
-    """The expert examples, the RL examples and the counts, from rows already in their shuffled order."""
-    expert, rl = [], []
-    counts = {"expert_rejected": Counter(), "rl_rejected": Counter(), "dropped": Counter(), "unused": 0}
+def split_rows(rows: Dataset, args: argparse.Namespace, picker: ExpertPicker) -> tuple[list, list, list, dict]:
+    """The expert examples, the RL examples, LUFFY's prompts (with `--luffy`) and the counts, from rows already in
+    their shuffled order."""
+    expert, rl, luffy = [], [], []
+    counts = {
+        "expert_rejected": Counter(),
+        "rl_rejected": Counter(),
+        "luffy_rejected": Counter(),
+        "dropped": Counter(),
+        "unused": 0,
+    }
     seen_problems = set()
     for row in tqdm(rows, desc="Splitting problems", unit=" problems"):
         if len(expert) >= args.num_sft and len(rl) >= args.num_rl:
@@ -160,33 +178,58 @@ def split_rows(rows: Dataset, args: argparse.Namespace, picker: ExpertPicker) ->
             if generation is not None:
                 completion = [{"role": "assistant", "content": generation}]
                 expert.append({"prompt": user_prompt(row["problem"]), "completion": completion, **provenance(row)})
+                if not args.luffy:
+                    continue
+                if has_checkable_answer(row):
+                    luffy.append(luffy_prompt(row, completion))
+                else:
+                    counts["luffy_rejected"][f"expert problem with {NO_CHECKABLE_ANSWER}"] += 1
                 continue
             counts["expert_rejected"][reason] += 1
         if len(rl) >= args.num_rl:
             counts["unused"] += 1
         elif has_checkable_answer(row):
             rl.append({"prompt": user_prompt(row["problem"]), "solution": row["answer"].strip(), **provenance(row)})
+            if args.luffy:
+                luffy.append(luffy_prompt(row, None))
         else:
             counts["rl_rejected"][NO_CHECKABLE_ANSWER] += 1
-    return expert, rl, counts
+    return expert, rl, luffy, counts
 
 
-def report(expert: list, rl: list, counts: dict, args: argparse.Namespace) -> dict:
+def luffy_prompt(row: dict, completion: list | None) -> dict:
+    """A LUFFY RL prompt: the problem, its reference answer and its expert solution (`None` if it has none)."""
+    solution = {"solution": row["answer"].strip(), "expert_completion": completion}
+    return {"prompt": user_prompt(row["problem"]), **solution, **provenance(row)}
+
+
+def report(expert: list, rl: list, luffy: list, counts: dict, args: argparse.Namespace) -> dict:
     """Print the counts, warn about a set left short, and return them for `summary.json`."""
     print(f"Expert SFT set: {len(expert)} of {args.num_sft} wanted.")
     print(f"  Rows not usable as experts: {format_counts(counts['expert_rejected'])}.")
     print(f"RL prompt set: {len(rl)} of {args.num_rl} wanted.")
     print(f"  Rows not usable for RL: {format_counts(counts['rl_rejected'])}.")
+    if args.luffy:
+        with_expert = sum(example["expert_completion"] is not None for example in luffy)
+        print(f"LUFFY prompts: {len(luffy)}, {with_expert} with an expert solution.")
+        print(f"  Problems left out: {format_counts(counts['luffy_rejected'])}.")
     print(f"Dropped: {format_counts(counts['dropped'])}. Rows left over once a set was full: {counts['unused']}.")
     if len(expert) < args.num_sft or len(rl) < args.num_rl:
         print("WARNING: the dataset ran out of usable rows before both sets were full.")
-    return {
+    summary = {
         "args": vars(args),
         "expert": {"kept": len(expert), "rejected": dict(counts["expert_rejected"])},
         "rl": {"kept": len(rl), "rejected": dict(counts["rl_rejected"])},
         "dropped": dict(counts["dropped"]),
         "unused": counts["unused"],
     }
+    if args.luffy:
+        summary["luffy"] = {
+            "kept": len(luffy),
+            "with_expert": sum(example["expert_completion"] is not None for example in luffy),
+            "rejected": dict(counts["luffy_rejected"]),
+        }
+    return summary
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -195,6 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = load_dataset_file_or_hub(args.dataset, split=args.split)
     # Reading fewer columns row by row is faster: OpenR1 also holds each problem's generations a second time
     rows = rows.select_columns([column for column in COLUMNS_READ + PROVENANCE_COLUMNS if column in rows.column_names])
-    expert, rl, counts = split_rows(rows.shuffle(seed=args.seed), args, picker)
+    expert, rl, luffy, counts = split_rows(rows.shuffle(seed=args.seed), args, picker)
     sets = {"expert_solutions.jsonl": expert, "rl_prompts.jsonl": rl}
-    write_outputs(args.output_dir, sets, report(expert, rl, counts, args))
+    if args.luffy:
+        sets["luffy_prompts.jsonl"] = luffy
+    write_outputs(args.output_dir, sets, report(expert, rl, luffy, counts, args))
