@@ -194,6 +194,67 @@ def load_expert_sources(entries: list[str] | str | None, config: str | None, spl
     return sources
 
 
+def load_run_data(script_args: ChordScriptArguments, seed: int):
+    """
+    The run's RL prompts, expert data, held-out prompts (the built-in task's; `None` for a dataset of the user's) and
+    reward functions. Without `--dataset_name`, the built-in task (its reward by default).
+    """
+    if script_args.dataset_name is None:
+        train_dataset, expert_dataset, heldout = demo_datasets(seed=seed)
+        reward_funcs = resolve_reward_funcs(script_args.reward_funcs or ["addition_reward"])
+        return train_dataset, expert_dataset, heldout, reward_funcs
+    if not script_args.reward_funcs:
+        raise ValueError("Give at least one reward function with --reward_funcs.")
+    train_dataset = load_dataset_file_or_hub(
+        script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split
+    )
+    if script_args.dataset_prompt_column != "prompt":
+        train_dataset = train_dataset.rename_column(script_args.dataset_prompt_column, "prompt")
+    expert_dataset = load_expert_sources(
+        script_args.chord_sft_dataset, script_args.chord_sft_dataset_config, script_args.chord_sft_dataset_split
+    )
+    return train_dataset, expert_dataset, None, resolve_reward_funcs(script_args.reward_funcs)
+
+
+def resolve_model_path(model_args: ModelConfig, training_args: ChordOptions, builtin_task: bool) -> str:
+    """`--model_name_or_path`, or for the built-in task without one a tiny random model saved in the output folder."""
+    model_path = model_args.model_name_or_path
+    if model_path is not None:
+        return model_path
+    if not builtin_task:
+        raise ValueError("Give --model_name_or_path (a hub id or a local folder).")
+    # A tiny random model, saved so that GRPOTrainer can reload it (e.g. as the reference model when beta > 0)
+    model_path = os.path.join(training_args.output_dir, "initial-model")
+    if training_args.distributed_state.is_main_process:
+        save_tiny_model(model_path, hidden_size=64, intermediate_size=128, num_attention_heads=4)
+    training_args.distributed_state.wait_for_everyone()
+    return model_path
+
+
+def set_model_loading(script_args: ChordScriptArguments, training_args: ChordOptions, model_args: ModelConfig) -> dict:
+    """
+    Puts the model options (revision, attention, dtype) into `training_args.model_init_kwargs`, with which the trainer
+    loads the model, and returns the trainer's quantization argument (none for async_grpo).
+    """
+    model_init_kwargs = dict(revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code)
+    if script_args.trainer != "async_grpo":
+        model_init_kwargs.update(attn_implementation=model_args.attn_implementation, dtype=model_args.dtype)
+    training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
+    if script_args.trainer == "async_grpo":
+        return {}
+    return {"quantization_config": get_quantization_config(model_args)}
+
+
+def load_processing_class(model_path: str, model_args: ModelConfig, training_args: ChordOptions):
+    """A vision-language model's processor, any other model's tokenizer, as GRPOTrainer loads it when given none."""
+    return AutoProcessor.from_pretrained(
+        model_path,
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        padding_side="left",
+    )
+
+
 def main(script_args: ChordScriptArguments, training_args: ChordOptions, model_args: ModelConfig):
     builtin_task = script_args.dataset_name is None
     trainer_class = trainer_classes(script_args.trainer)[1]
@@ -215,47 +276,10 @@ def main(script_args: ChordScriptArguments, training_args: ChordOptions, model_a
                 f"--trainer async_grpo runs the model with AsyncGRPOTrainer's own packed attention, not "
                 f"--attn_implementation {model_args.attn_implementation}: leave the option out."
             )
-    heldout = None
-    if builtin_task:
-        train_dataset, expert_dataset, heldout = demo_datasets(seed=training_args.seed)
-        reward_funcs = resolve_reward_funcs(script_args.reward_funcs or ["addition_reward"])
-    else:
-        if not script_args.reward_funcs:
-            raise ValueError("Give at least one reward function with --reward_funcs.")
-        train_dataset = load_dataset_file_or_hub(
-            script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split
-        )
-        if script_args.dataset_prompt_column != "prompt":
-            train_dataset = train_dataset.rename_column(script_args.dataset_prompt_column, "prompt")
-        expert_dataset = load_expert_sources(
-            script_args.chord_sft_dataset, script_args.chord_sft_dataset_config, script_args.chord_sft_dataset_split
-        )
-        reward_funcs = resolve_reward_funcs(script_args.reward_funcs)
-
-    model_path = model_args.model_name_or_path
-    if model_path is None:
-        if not builtin_task:
-            raise ValueError("Give --model_name_or_path (a hub id or a local folder).")
-        # A tiny random model, saved so that GRPOTrainer can reload it (e.g. as the reference model when beta > 0)
-        model_path = os.path.join(training_args.output_dir, "initial-model")
-        if training_args.distributed_state.is_main_process:
-            save_tiny_model(model_path, hidden_size=64, intermediate_size=128, num_attention_heads=4)
-        training_args.distributed_state.wait_for_everyone()
-
-    model_init_kwargs = dict(revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code)
-    if script_args.trainer != "async_grpo":
-        model_init_kwargs.update(attn_implementation=model_args.attn_implementation, dtype=model_args.dtype)
-    training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
-    # A vision-language model's processor, any other model's tokenizer, as GRPOTrainer loads it when given none
-    processing_class = AutoProcessor.from_pretrained(
-        model_path,
-        revision=model_args.model_revision,
-        trust_remote_code=training_args.trust_remote_code,
-        padding_side="left",
-    )
-    quantization = (
-        {} if script_args.trainer == "async_grpo" else {"quantization_config": get_quantization_config(model_args)}
-    )
+    train_dataset, expert_dataset, heldout, reward_funcs = load_run_data(script_args, training_args.seed)
+    model_path = resolve_model_path(model_args, training_args, builtin_task)
+    quantization = set_model_loading(script_args, training_args, model_args)
+    processing_class = load_processing_class(model_path, model_args, training_args)
     trainer = trainer_class(
         model=model_path,
         reward_funcs=reward_funcs,
@@ -311,11 +335,13 @@ math_chord_phi, ...); flags on the command line win over the file. `trl-chord --
 Without a GPU, add --use_cpu true --bf16 false (the demo config sets them)."""
 
 
-def make_parser(trainer: str = "grpo") -> TrlParser:
+def make_parser(
+    trainer: str = "grpo", script_options: tuple[type, ...] = (ChordScriptArguments,), **kwargs
+) -> TrlParser:
+    """The parser of the script's options (`script_options`), the trainer's config and TRL's `ModelConfig`."""
     model_options = ModelConfigWithoutDtype if trainer == "async_grpo" else ModelConfig
-    return TrlParser(
-        (ChordScriptArguments, trainer_classes(trainer)[0], model_options), usage=USAGE, description=DESCRIPTION
-    )
+    options = (*script_options, trainer_classes(trainer)[0], model_options)
+    return TrlParser(options, **{"usage": USAGE, "description": DESCRIPTION, **kwargs})
 
 
 def resolve_config_argument(args: list[str]) -> list[str]:
@@ -341,11 +367,14 @@ def requested_trainer(args: list[str]) -> str:
     return "grpo"
 
 
-def parse_args(args: list[str]) -> tuple[ChordScriptArguments, ChordOptions, ModelConfig]:
-    """The recipe's options from `args`; `--config` takes a YAML file or the name of a shipped config (`demo`)."""
+def parse_args(args: list[str], parser: TrlParser | None = None) -> tuple:
+    """
+    The recipe's options from `args` (`ChordScriptArguments`, the trainer's config, `ModelConfig`), or those of
+    `parser`; `--config` takes a YAML file or the name of a shipped config (`demo`).
+    """
     args = resolve_config_argument(args)
     try:
-        return make_parser(requested_trainer(args)).parse_args_and_config(args)
+        return (parser or make_parser(requested_trainer(args))).parse_args_and_config(args)
     except ValueError as error:
         # transformers refuses bf16 (TRL's default, and the paper configs') without a GPU, and names only use_cpu
         if "bf16" not in str(error) or is_torch_bf16_gpu_available():
