@@ -325,7 +325,8 @@ def main(script_args: ChordScriptArguments, training_args: ChordOptions, model_a
 
 USAGE = """trl-chord [--config NAME_OR_FILE] [--OPTION VALUE ...]    train (the options are below)
        trl-chord configs [NAME]                                 list the shipped configs, or print one's path
-       trl-chord prepare [NAME [--help | OPTIONS]]              make the data of a paper config"""
+       trl-chord prepare [NAME [--help | OPTIONS]]              make the data of a paper config
+       trl-chord sft-best-rl [--help | OPTIONS]                 SFT, its best held-out checkpoint, then RL from it"""
 
 DESCRIPTION = """\
 Train with CHORD: (1 - mu) * GRPO + mu * SFT on expert demonstrations (--trainer rloo or async_grpo: RLOO or TRL's
