@@ -101,6 +101,8 @@ def test_the_kept_checkpoint_is_the_best_one_mid_run_and_the_rl_stage_starts_fro
         (entry["step"], entry["eval_reward"]) for entry in sft_trainer.state.log_history if "eval_reward" in entry
     ]
     assert logged == [(0, -2.0), (1, -1.0), (2, 0.0), (3, -1.0), (4, -2.0)]
+    # The training logs of the same steps are all there too
+    assert [entry["step"] for entry in sft_trainer.state.log_history if "chord/mu" in entry] == [1, 2, 3, 4]
     best = selection.best
     assert best["step"] == PEAK_STEP and best["eval_reward"] == 0.0
     assert best["checkpoint"] == str(tmp_path / "sft" / "out" / f"checkpoint-{PEAK_STEP}")
@@ -144,7 +146,7 @@ def test_the_earliest_of_equal_scores_is_kept(tiny_model_dir, tmp_path):
     )
 
 
-def two_rewards(tokenizer):
+def two_rewards():
     def length_reward(completions, **kwargs):
         return [float(len(completion[0]["content"])) for completion in completions]
 
@@ -157,64 +159,64 @@ def two_rewards(tokenizer):
     return [length_reward, answer_reward]
 
 
+def greedy_answers(model, tokenizer, prompts, max_new_tokens) -> tuple[list[str], list[int]]:
+    """The oracle's answers: each prompt alone (no padding), through the demo's tokenization and end-token mask."""
+    texts, lengths = [], []
+    for index in range(len(prompts)):
+        inputs = tokenized_prompts(tokenizer, prompts.select([index]), "cpu")
+        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        generated = generated[:, inputs["input_ids"].shape[1] :]
+        lengths.append(int(answer_token_mask(generated, tokenizer.eos_token_id, tokenizer.pad_token_id).sum()))
+        texts.append(tokenizer.decode(generated[0], skip_special_tokens=True))
+    return texts, lengths
+
+
 def test_the_score_is_the_weighted_reward_of_the_greedy_answers(tiny_model_dir, tiny_tokenizer):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    heldout = make_rl_prompts(7).add_column("answer", ["skip", "1", "2", "3", "4", "skip", "6"])
-    rewards, reward_weights = two_rewards(tiny_tokenizer), [0.5, 2.0]
-    metrics = score_heldout(
-        model,
-        tiny_tokenizer,
-        heldout,
-        rewards,
-        Accelerator(cpu=True),
-        max_new_tokens=5,
-        reward_weights=reward_weights,
-        batch_size=3,
-        show_progress=False,
-    )
-    # The oracle: each prompt answered alone (no padding), through the demo's own tokenization and end-token mask
-    texts, lengths = [], []
-    for index in range(len(heldout)):
-        inputs = tokenized_prompts(tiny_tokenizer, heldout.select([index]), "cpu")
-        generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)[:, inputs["input_ids"].shape[1] :]
-        lengths.append(answer_token_mask(generated, tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id).sum())
-        texts.append(tiny_tokenizer.decode(generated[0], skip_special_tokens=True))
-    scored = [answer != "skip" for answer in heldout["answer"]]
-    matches = [float(text == answer) for text, answer in zip(texts, heldout["answer"])]
-    totals = [0.5 * len(text) + (2.0 * match if keep else 0.0) for text, match, keep in zip(texts, matches, scored)]
+    prompts = make_rl_prompts(7)
+    texts, lengths = greedy_answers(model, tiny_tokenizer, prompts, 5)
+    # A column the reward reads: some answers match it, some do not, two rows are not graded (None)
+    answers = ["skip", texts[1], "x", texts[3], "skip", texts[5], "x"]
+    heldout = prompts.add_column("answer", answers)
+    rewards, reward_weights = two_rewards(), [0.5, 2.0]
+    options = dict(reward_funcs=rewards, accelerator=Accelerator(cpu=True), reward_weights=reward_weights)
+    metrics = score_heldout(model, tiny_tokenizer, heldout, max_new_tokens=5, batch_size=3, **options)
+    totals = [0.5 * len(text) + 2.0 * (text == answer) for text, answer in zip(texts, answers)]
     assert metrics["eval_reward"] == pytest.approx(sum(totals) / len(totals))
     assert metrics["eval_rewards/length_reward/mean"] == pytest.approx(sum(map(len, texts)) / len(texts))
-    kept_matches = [match for match, keep in zip(matches, scored) if keep]
-    assert metrics["eval_rewards/answer_reward/mean"] == pytest.approx(sum(kept_matches) / len(kept_matches))
-    assert metrics["eval_completions/mean_length"] == pytest.approx(float(sum(lengths)) / len(lengths))
+    assert metrics["eval_rewards/answer_reward/mean"] == pytest.approx(3 / 5)  # 3 of the 5 graded answers match
+    assert metrics["eval_completions/mean_length"] == pytest.approx(sum(lengths) / len(lengths))
 
     # Named sets with their own budgets: each scored on its own, `eval_reward` over all their prompts
     sets = {"short": heldout.select(range(3)), "long": heldout.select(range(3, 7))}
-    by_set = score_heldout(
-        model,
-        tiny_tokenizer,
-        sets,
-        rewards,
-        Accelerator(cpu=True),
-        {"short": 5, "long": 5},
-        reward_weights,
-        show_progress=False,
-    )
-    assert by_set["eval_short_reward"] == pytest.approx(sum(totals[:3]) / 3)
+    by_set = score_heldout(model, tiny_tokenizer, sets, max_new_tokens={"short": 2, "long": 5}, **options)
+    short_texts, _ = greedy_answers(model, tiny_tokenizer, prompts.select(range(3)), 2)
+    short_totals = [0.5 * len(text) + 2.0 * (text == answer) for text, answer in zip(short_texts, answers)]
+    assert by_set["eval_short_reward"] == pytest.approx(sum(short_totals) / 3)
     assert by_set["eval_long_reward"] == pytest.approx(sum(totals[3:]) / 4)
-    assert by_set["eval_reward"] == pytest.approx(metrics["eval_reward"])
+    assert by_set["eval_reward"] == pytest.approx((sum(short_totals) + sum(totals[3:])) / 7)
 
 
 def test_the_evaluation_leaves_the_random_state_and_the_train_mode_and_ignores_dropout(tiny_model_dir, tiny_tokenizer):
-    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    config = copy.deepcopy(plain.config)
+    # Weights drawn wide (the tiny model's own give one token whatever the input), so that every answer token depends
+    # on the attention's outputs
+    config = AutoModelForCausalLM.from_pretrained(tiny_model_dir).config
+    config.initializer_range = 0.5
+    torch.manual_seed(0)
+    plain = Qwen2ForCausalLM(config)
+    config = copy.deepcopy(config)
     config.attention_dropout = 0.9
     with_dropout = Qwen2ForCausalLM(config)
     with_dropout.load_state_dict(plain.state_dict())
-    with_dropout.generation_config = plain.generation_config
+    for model in (plain, with_dropout):
+        model.generation_config.pad_token_id = model.generation_config.eos_token_id = tiny_tokenizer.eos_token_id
     with_dropout.train()
-    heldout, accelerator = make_rl_prompts(6), Accelerator(cpu=True)
-    options = dict(max_new_tokens=6, reward_funcs=[odd_char_reward], accelerator=accelerator, show_progress=False)
+    heldout = make_rl_prompts(6)
+    inputs = tokenized_prompts(tiny_tokenizer, heldout, "cpu")
+    assert not torch.equal(plain(**inputs).logits, with_dropout(**inputs).logits)  # dropout acts in train mode
+    options = dict(
+        max_new_tokens=6, reward_funcs=[odd_char_reward], accelerator=Accelerator(cpu=True), show_progress=False
+    )
     expected = score_heldout(plain.eval(), tiny_tokenizer, heldout, **options)
     for generation_kwargs in (None, {"do_sample": True, "temperature": 1.0}):
         torch.manual_seed(123)
@@ -366,7 +368,12 @@ def test_the_command_keeps_the_best_sft_step_and_trains_rloo_from_it(tiny_model_
     sft_log = [json.loads(line) for line in (sft / "metrics.jsonl").read_text().splitlines()]
     rl_log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in sft_log if "eval_reward" in entry] == [0, 1, 2, 3, 4]
-    assert {entry["chord/mu"] for entry in sft_log if "chord/mu" in entry} == {1.0}
+    assert [(entry["step"], entry["chord/mu"]) for entry in sft_log if "chord/mu" in entry] == [
+        (1, 1.0),
+        (2, 1.0),
+        (3, 1.0),
+        (4, 1.0),
+    ]
     assert [entry["chord/mu"] for entry in rl_log if "chord/mu" in entry] == [0.0, 0.0]
     assert all("chord/rloo_loss" in entry for entry in rl_log if "chord/mu" in entry)
     assert [entry["step"] for entry in rl_log if "eval_reward" in entry] == [0, 2]

@@ -357,8 +357,11 @@ class HeldOutRewardCallback(TrainerCallback):
             )
         self.history.append({"step": state.global_step, **metrics})
         # Its own log entry, as `Trainer.evaluate` logs: transformers' `log`, not GRPOTrainer's, which would also flush
-        # the training metrics gathered since the last logged step into it
+        # the training metrics gathered since the last logged step into it. Logging clears the control's `should_log`,
+        # which is set back, so that the step's own training log still follows
+        should_log = trainer.control.should_log
         transformers.Trainer.log(trainer, dict(metrics))
+        trainer.control.should_log = should_log
         return metrics
 
     def _is_new_best(self, step: int) -> bool:
