@@ -104,7 +104,7 @@ def test_the_kept_checkpoint_is_the_best_one_mid_run_and_the_rl_stage_starts_fro
     # The training logs of the same steps are all there too
     assert [entry["step"] for entry in sft_trainer.state.log_history if "chord/mu" in entry] == [1, 2, 3, 4]
     best = selection.best
-    assert best["step"] == PEAK_STEP and best["eval_reward"] == 0.0
+    assert best["step"] == PEAK_STEP and best["eval_reward"] == 0.0 and selection.seconds > 0
     assert best["checkpoint"] == str(tmp_path / "sft" / "out" / f"checkpoint-{PEAK_STEP}")
     state = sft_trainer.state
     assert (state.best_global_step, state.best_metric, state.best_model_checkpoint) == (2, 0.0, best["checkpoint"])

@@ -553,7 +553,7 @@ def train_phase(
         trainer.add_callback(selection)
     started = time.perf_counter()
     trainer.train()
-    evaluation_seconds = sum(callback.seconds for callback in callbacks.values())  # (the selection's not counted)
+    evaluation_seconds = sum(callback.seconds for callback in [*callbacks.values(), selection] if callback is not None)
     curves = {split: callback.history for split, callback in callbacks.items()}
     log = [
         {"step": step_offset + entry["step"], **{key: entry[key] for key in LOGGED_KEYS if key in entry}}

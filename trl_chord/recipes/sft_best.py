@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 
@@ -271,7 +272,7 @@ class HeldOutRewardCallback(TrainerCallback):
     `save_total_limit`, transformers keeps the best checkpoint when it deletes older ones.
 
     `history` holds every evaluation (`step` and the metrics), `best` the kept one (`step`, `eval_reward`,
-    `checkpoint`: its folder, or `None` for the starting model).
+    `checkpoint`: its folder, or `None` for the starting model), `seconds` the time spent evaluating.
 
     Args:
         trainer: a TRL GRPOTrainer or RLOOTrainer (a CHORD one included); its reward functions, weights, processing
@@ -323,6 +324,7 @@ class HeldOutRewardCallback(TrainerCallback):
         self.keep_best = keep_best
         self.history: list[dict] = []
         self.checkpoints: dict[int, str | None] = {}
+        self.seconds = 0.0
 
     @property
     def best(self) -> dict | None:
@@ -334,6 +336,7 @@ class HeldOutRewardCallback(TrainerCallback):
         return {"step": step, SELECTION_METRIC: best[SELECTION_METRIC], "checkpoint": self.checkpoints.get(step)}
 
     def _evaluate(self, state) -> dict:
+        started = time.perf_counter()
         trainer = self.trainer
         args = trainer.args
         # ZeRO-3's weights are gathered whatever `ds3_gather_for_generation` says: the processes' shares of the prompts
@@ -362,6 +365,7 @@ class HeldOutRewardCallback(TrainerCallback):
         should_log = trainer.control.should_log
         transformers.Trainer.log(trainer, dict(metrics))
         trainer.control.should_log = should_log
+        self.seconds += time.perf_counter() - started
         return metrics
 
     def _is_new_best(self, step: int) -> bool:
