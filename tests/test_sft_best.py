@@ -197,6 +197,19 @@ def test_the_score_is_the_weighted_reward_of_the_greedy_answers(tiny_model_dir, 
     assert by_set["eval_reward"] == pytest.approx((sum(short_totals) + sum(totals[3:])) / 7)
 
 
+def test_math_answers_cut_off_at_the_evaluation_budget_score_as_in_rl(tiny_model_dir, tiny_tokenizer):
+    from trl_chord.rewards import OVERLONG_NO_ANSWER_REWARD, math_accuracy_reward
+
+    # The tiny model never ends an answer: each one is cut at the budget, with no boxed answer (-1, not -0.1)
+    heldout = make_rl_prompts(3).add_column("solution", ["1", "2", "3"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    metrics = score_heldout(
+        model, tiny_tokenizer, heldout, [math_accuracy_reward], Accelerator(cpu=True), 4, show_progress=False
+    )
+    assert metrics["eval_reward"] == OVERLONG_NO_ANSWER_REWARD == -1.0
+    assert metrics["eval_completions/mean_length"] == 4
+
+
 def test_the_evaluation_leaves_the_random_state_and_the_train_mode_and_ignores_dropout(tiny_model_dir, tiny_tokenizer):
     # Weights drawn wide (the tiny model's own give one token whatever the input), so that every answer token depends
     # on the attention's outputs

@@ -124,15 +124,39 @@ def answer_ids(generated: torch.Tensor, end_ids: list[int]) -> list[list[int]]:
     return [row[keep].tolist() for row, keep in zip(generated, ends_before == 0, strict=True)]
 
 
+class RewardHooks:
+    """
+    What GRPOTrainer passes reward functions as `log_extra` and `log_metric`: bound methods of an object whose
+    `max_completion_length` is the length limit of the answers (a reward may read it through them, as
+    `math_accuracy_reward` does to tell an answer cut off at the limit); here they log nothing.
+    """
+
+    def __init__(self, max_completion_length: int):
+        self.max_completion_length = max_completion_length
+
+    def log_extra(self, column: str, values: list) -> None:
+        pass
+
+    def log_metric(self, name: str, value: float) -> None:
+        pass
+
+
 def reward_rows(
-    reward_funcs: list[Callable], batch: Dataset, prompts: list, completions: list, ids: list, trainer_state
+    reward_funcs: list[Callable],
+    batch: Dataset,
+    prompts: list,
+    completions: list,
+    ids: list,
+    trainer_state,
+    max_new_tokens: int,
 ) -> torch.Tensor:
     """
     A `(rows, functions)` tensor of each reward function's score for each answer (NaN where a function returns None),
-    called as GRPOTrainer calls them: prompts, completions, completion ids, every other column of the rows, and the
-    trainer state. (Their `log_extra` and `log_metric` hooks log nothing here.)
+    called as GRPOTrainer calls them: prompts, completions, completion ids, every other column of the rows, the
+    trainer state, and the `log_extra` / `log_metric` hooks ([`RewardHooks`]).
     """
     columns = {name: batch[name] for name in batch.column_names if name not in ("prompt", "completion")}
+    hooks = RewardHooks(max_new_tokens)
     scores = torch.full((len(prompts), len(reward_funcs)), math.nan, dtype=torch.float64)
     for index, func in enumerate(reward_funcs):
         values = func(
@@ -140,8 +164,8 @@ def reward_rows(
             completions=completions,
             completion_ids=ids,
             trainer_state=trainer_state,
-            log_extra=lambda *args, **kwargs: None,
-            log_metric=lambda *args, **kwargs: None,
+            log_extra=hooks.log_extra,
+            log_metric=hooks.log_metric,
             **columns,
         )
         if len(values) != len(prompts):
@@ -219,7 +243,7 @@ def score_heldout(
                         completions = [[{"role": "assistant", "content": text}] for text in texts]
                     else:
                         completions = texts
-                    scores = reward_rows(reward_funcs, batch, prompts, completions, ids, trainer_state)
+                    scores = reward_rows(reward_funcs, batch, prompts, completions, ids, trainer_state, budget)
                     scored = ~scores.isnan()
                     sums[set_index, 0] += (scores * weights).nansum(dim=1).sum()
                     sums[set_index, 1] += len(ids)
