@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM, 
 
 from trl_chord import ChordRLOOTrainer, ChordTrainer
 from trl_chord.cli import main as cli_main
+from trl_chord.demo.addition import addition_reward
 from trl_chord.demo.heldout import answer_token_mask, tokenized_prompts
 from trl_chord.recipes.chord import ChordScriptArguments
 from trl_chord.recipes.sft_best import (
@@ -208,6 +209,11 @@ def test_math_answers_cut_off_at_the_evaluation_budget_score_as_in_rl(tiny_model
     )
     assert metrics["eval_reward"] == OVERLONG_NO_ANSWER_REWARD == -1.0
     assert metrics["eval_completions/mean_length"] == 4
+    # Scores are kept in double precision: no answer at all is -0.1 for the addition reward (float32 is 1.5e-9 off)
+    heldout = heldout.add_column("answer", ["1", "2", "3"])
+    options = dict(accelerator=Accelerator(cpu=True), max_new_tokens=4, show_progress=False)
+    score = score_heldout(model, tiny_tokenizer, heldout, [addition_reward], **options)["eval_reward"]
+    assert score == pytest.approx(-0.1, rel=0, abs=1e-12)
 
 
 def test_the_evaluation_leaves_the_random_state_and_the_train_mode_and_ignores_dropout(tiny_model_dir, tiny_tokenizer):

@@ -171,7 +171,9 @@ def reward_rows(
         if len(values) != len(prompts):
             name = getattr(func, "__name__", type(func).__name__)
             raise ValueError(f"The reward function {name!r} gave {len(values)} rewards for {len(prompts)} answers.")
-        scores[:, index] = torch.tensor([math.nan if value is None else float(value) for value in values])
+        scores[:, index] = torch.tensor(
+            [math.nan if value is None else value for value in values], dtype=torch.float64
+        )
     return scores
 
 
