@@ -4,10 +4,12 @@ checkpoint, the hand-over to the RL stage, and the command's refusals."""
 import copy
 import json
 import os
+import sys
 
 import pytest
 import torch
 from accelerate import Accelerator
+from bounded_run import run_bounded
 from datasets import Dataset
 from helpers import chord_config, chord_rloo_config, make_expert_dataset, make_rl_prompts, odd_char_reward, weights
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM, TrainerCallback
@@ -444,3 +446,35 @@ def test_the_command_refuses_bad_input_in_one_line(tiny_model_dir, local_data, t
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "run" / "sft")  # refused before any training
+
+
+def value_reward(completions, value=None, **kwargs) -> list[float]:
+    """The held-out row's own `value`, whatever the answer: the mean over the set is known (0 for the RL prompts)."""
+    return [0.0] * len(completions) if value is None else [float(v) for v in value]
+
+
+@pytest.mark.slow  # two processes
+def test_on_two_processes_every_held_out_prompt_counts_once(tiny_model_dir, local_data, tmp_path):
+    # 5 prompts: one process answers 3, the other 2. The mean of all is 6.2; the mean of the two processes' means
+    # would be 7.17, and a prompt answered twice or not at all would move it too
+    values = [1, 2, 4, 8, 16]
+    rows = [{"prompt": [{"role": "user", "content": f"{v}+1="}], "value": v} for v in values]
+    heldout = write_jsonl(tmp_path / "heldout-values.jsonl", rows)
+    args = command(
+        tiny_model_dir,
+        local_data,
+        tmp_path,
+        "--heldout_dataset",
+        heldout,
+        "--reward_funcs",
+        "test_sft_best.value_reward",
+    )
+    args += ["--sft_max_steps", "2", "--sft_eval_steps", "1", "--max_steps", "1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(__file__)}
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    completed = run_bounded([torchrun, "--nproc_per_node", "2", "-m", "trl_chord.cli", *args], env=env, timeout=600)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
+    summary = json.loads((tmp_path / "run" / "sft_best_rl.json").read_text())
+    scores = [entry["eval_reward"] for stage in ("sft", "rl") for entry in summary[stage]["history"]]
+    assert len(scores) == 3 + 2 and scores == [pytest.approx(sum(values) / len(values), rel=0, abs=1e-12)] * 5
+    assert completed.stdout.count("SFT stage: best held-out eval_reward") == 1  # printed by the main process only
