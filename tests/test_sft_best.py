@@ -416,6 +416,17 @@ def test_held_out_rl_prompts_are_left_out_of_training():
     assert list(again["prompt"]) == list(heldout["prompt"])  # the same prompts for the same seed
 
 
+def test_held_out_files_take_the_rl_prompts_column_name(tmp_path):
+    rows = [{"question": [{"role": "user", "content": f"{i}+1="}], "answer": str(i + 1)} for i in range(3)]
+    path = write_jsonl(tmp_path / "heldout.jsonl", rows)
+    script_args = ChordScriptArguments(dataset_name="rl.jsonl", dataset_prompt_column="question")
+    for entries, names in (([path], [None]), ([f"a={path}", f"b={path}"], ["a", "b"])):
+        _, heldout = heldout_prompts(script_args, SftBestArguments(heldout_dataset=entries), None, None, seed=0)
+        sets = heldout if isinstance(heldout, dict) else {None: heldout}
+        assert list(sets) == names
+        assert all(data.column_names == ["prompt", "answer"] and len(data) == 3 for data in sets.values())
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

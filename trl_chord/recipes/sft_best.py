@@ -403,7 +403,9 @@ class HeldOutRewardCallback(TrainerCallback):
                 f"The held-out evaluation runs every {self.eval_steps} optimizer steps, but this run has "
                 f"{state.max_steps}: only its last step would be evaluated. Lower the evaluation period."
             )
-        if self.eval_on_start and not self.history:
+        # (Not on a resumed run: the selection does not carry across a resume, and the resumed weights are no
+        # starting model)
+        if self.eval_on_start and not self.history and state.global_step == 0:
             metrics = self._evaluate(state)
             if self.keep_best:
                 self.checkpoints[state.global_step] = None  # the starting model, as it was given

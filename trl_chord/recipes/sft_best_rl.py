@@ -269,9 +269,10 @@ def heldout_prompts(script_args, sft: SftBestArguments, train_dataset, builtin_h
         return train_dataset, builtin_heldout
     heldout = load_expert_sources(sft.heldout_dataset, sft.heldout_dataset_config, sft.heldout_dataset_split)
     column = script_args.dataset_prompt_column
-    if column != "prompt":
-        rename = {name: data.rename_column(column, "prompt") for name, data in dict(heldout).items()}
-        heldout = rename if isinstance(heldout, dict) else next(iter(rename.values()))
+    if column != "prompt":  # named as the RL prompts' column is
+        if isinstance(heldout, dict):
+            return train_dataset, {name: data.rename_column(column, "prompt") for name, data in heldout.items()}
+        heldout = heldout.rename_column(column, "prompt")
     return train_dataset, heldout
 
 
