@@ -489,3 +489,27 @@ def test_on_two_processes_every_held_out_prompt_counts_once(tiny_model_dir, loca
     scores = [entry["eval_reward"] for stage in ("sft", "rl") for entry in summary[stage]["history"]]
     assert len(scores) == 3 + 2 and scores == [pytest.approx(sum(values) / len(values), rel=0, abs=1e-12)] * 5
     assert completed.stdout.count("SFT stage: best held-out eval_reward") == 1  # printed by the main process only
+
+
+@pytest.mark.slow  # two processes, DeepSpeed
+def test_under_zero3_the_rl_stage_starts_from_the_kept_checkpoint(tiny_model_dir, local_data, tmp_path):
+    # Two Trainers in one process under DeepSpeed (accelerate refuses a second Accelerator with a DeepSpeed plugin
+    # unless the first's state is wiped); the RL stage at learning rate 0 ends with the weights it started from
+    args = command(tiny_model_dir, local_data, tmp_path, "--learning_rate", "0", "--save_strategy", "no")
+    args += ["--gradient_checkpointing", "false"]
+    zero3 = os.path.join(
+        os.path.dirname(os.path.dirname(__file__)), "trl_chord", "recipes", "accelerate", "zero3.yaml"
+    )
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    launch = [accelerate, "launch", "--config_file", zero3, "--num_processes", "2", "--mixed_precision", "no"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(__file__)}
+    completed = run_bounded([*launch, "-m", "trl_chord.cli", *args], env=env, timeout=900)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
+    sft = tmp_path / "run" / "sft"
+    summary = json.loads((tmp_path / "run" / "sft_best_rl.json").read_text())
+    assert summary["sft"]["kept"] == {"step": 2, "eval_reward": 0.0, "checkpoint": str(sft / "checkpoint-2")}
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "run").state_dict()
+    kept = AutoModelForCausalLM.from_pretrained(sft / "checkpoint-2").state_dict()
+    start = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    assert all(torch.equal(final[name], kept[name]) for name in kept)
+    assert not all(torch.equal(start[name], kept[name]) for name in kept)

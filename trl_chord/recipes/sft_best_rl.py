@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 from accelerate import PartialState
+from accelerate.state import AcceleratorState
 from transformers.utils import logging
 from trl import get_peft_config
 
@@ -321,6 +322,10 @@ def main(script_args, sft: SftBestArguments, sft_args, rl_args, model_args) -> d
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    # The RL stage's Trainer makes a second Accelerator in this process: accelerate refuses one with a DeepSpeed
+    # plugin while the first's state stands, and that plugin holds the SFT stage's values. The state is wiped (not the
+    # process group, `PartialState`), as transformers' own hyperparameter search does between its runs
+    AcceleratorState._reset_state()
     processes = PartialState()
     start = rl_start_model(best, model_path, os.path.join(sft_args.output_dir, "best-merged"), processes)
     kept = f"step {best['step']} of {sft_args.max_steps}" + (" (the starting model)" if best["step"] == 0 else "")
