@@ -194,15 +194,16 @@ def load_expert_sources(entries: list[str] | str | None, config: str | None, spl
     return sources
 
 
-def load_run_data(script_args: ChordScriptArguments, seed: int):
-    """
-    The run's RL prompts, expert data, held-out prompts (the built-in task's; `None` for a dataset of the user's) and
-    reward functions. Without `--dataset_name`, the built-in task (its reward by default).
-    """
+def task_data(script_args: ChordScriptArguments, training_args: ChordOptions) -> tuple:
+    """The RL prompts, the expert data, the held-out set (the built-in demo's only) and the reward functions."""
     if script_args.dataset_name is None:
-        train_dataset, expert_dataset, heldout = demo_datasets(seed=seed)
-        reward_funcs = resolve_reward_funcs(script_args.reward_funcs or ["addition_reward"])
-        return train_dataset, expert_dataset, heldout, reward_funcs
+        train_dataset, expert_dataset, heldout = demo_datasets(seed=training_args.seed)
+        return (
+            train_dataset,
+            expert_dataset,
+            heldout,
+            resolve_reward_funcs(script_args.reward_funcs or ["addition_reward"]),
+        )
     if not script_args.reward_funcs:
         raise ValueError("Give at least one reward function with --reward_funcs.")
     train_dataset = load_dataset_file_or_hub(
@@ -216,14 +217,11 @@ def load_run_data(script_args: ChordScriptArguments, seed: int):
     return train_dataset, expert_dataset, None, resolve_reward_funcs(script_args.reward_funcs)
 
 
-def resolve_model_path(model_args: ModelConfig, training_args: ChordOptions, builtin_task: bool) -> str:
-    """`--model_name_or_path`, or for the built-in task without one a tiny random model saved in the output folder."""
-    model_path = model_args.model_name_or_path
-    if model_path is not None:
-        return model_path
+def demo_model_path(training_args: ChordOptions, builtin_task: bool) -> str:
+    """The built-in demo's tiny random model, saved so that GRPOTrainer can reload it (e.g. as the reference model when
+    beta > 0)."""
     if not builtin_task:
         raise ValueError("Give --model_name_or_path (a hub id or a local folder).")
-    # A tiny random model, saved so that GRPOTrainer can reload it (e.g. as the reference model when beta > 0)
     model_path = os.path.join(training_args.output_dir, "initial-model")
     if training_args.distributed_state.is_main_process:
         save_tiny_model(model_path, hidden_size=64, intermediate_size=128, num_attention_heads=4)
@@ -276,8 +274,11 @@ def main(script_args: ChordScriptArguments, training_args: ChordOptions, model_a
                 f"--trainer async_grpo runs the model with AsyncGRPOTrainer's own packed attention, not "
                 f"--attn_implementation {model_args.attn_implementation}: leave the option out."
             )
-    train_dataset, expert_dataset, heldout, reward_funcs = load_run_data(script_args, training_args.seed)
-    model_path = resolve_model_path(model_args, training_args, builtin_task)
+    train_dataset, expert_dataset, heldout, reward_funcs = task_data(script_args, training_args)
+
+    model_path = model_args.model_name_or_path
+    if model_path is None:
+        model_path = demo_model_path(training_args, builtin_task)
     quantization = set_model_loading(script_args, training_args, model_args)
     processing_class = load_processing_class(model_path, model_args, training_args)
     trainer = trainer_class(

@@ -35,15 +35,15 @@ from ..losses import TOKEN_WEIGHTINGS
 from . import CommandLineError
 from .chord import (
     ChordScriptArguments,
+    demo_model_path,
     load_expert_sources,
     load_processing_class,
-    load_run_data,
     make_parser,
     parse_args,
     requested_trainer,
     resolve_config_argument,
-    resolve_model_path,
     set_model_loading,
+    task_data,
     trainer_classes,
 )
 from .sft_best import SELECTION_METRIC, HeldOutRewardCallback, rl_start_model
@@ -289,9 +289,9 @@ def new_metrics_log(trainer, output_dir: str) -> None:
 
 def main(script_args, sft: SftBestArguments, sft_args, rl_args, model_args) -> dict:
     trainer_class = trainer_classes(script_args.trainer)[1]
-    train_dataset, expert_dataset, builtin_heldout, reward_funcs = load_run_data(script_args, rl_args.seed)
+    train_dataset, expert_dataset, builtin_heldout, reward_funcs = task_data(script_args, rl_args)
     train_dataset, heldout = heldout_prompts(script_args, sft, train_dataset, builtin_heldout, rl_args.seed)
-    model_path = resolve_model_path(model_args, rl_args, script_args.dataset_name is None)
+    model_path = model_args.model_name_or_path or demo_model_path(rl_args, script_args.dataset_name is None)
     evaluation = dict(
         max_new_tokens=sft.sft_eval_max_new_tokens or rl_args.max_completion_length,
         batch_size=rl_args.per_device_eval_batch_size,
