@@ -155,6 +155,26 @@ def test_plain_install_runs_the_demo(wheel_install, tmp_path):
     assert located.startswith(wheel_install.site), located
 
 
+@pytest.mark.slow
+def test_plain_install_runs_sft_best_rl_as_the_readme_says(wheel_install, tmp_path):
+    """The README's SFT-best -> RL command on the built-in task, shortened, from the wheel outside the checkout."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert "trl-chord sft-best-rl --config demo_sft_best_rl\n" in readme
+    short_run = "--sft_max_steps 4 --sft_eval_steps 2 --max_steps 2 --logging_steps 1 --output_dir"
+    completed = run_header_command(
+        f"trl-chord sft-best-rl --config demo_sft_best_rl {short_run} {tmp_path / 'run'}", wheel_install
+    )
+    summary = json.loads((tmp_path / "run" / "sft_best_rl.json").read_text())
+    kept = summary["sft"]["kept"]
+    assert [entry["step"] for entry in summary["sft"]["history"]] == [0, 2, 4]
+    assert kept["eval_reward"] == max(entry["eval_reward"] for entry in summary["sft"]["history"])
+    assert (
+        f"SFT stage: best held-out eval_reward {kept['eval_reward']:.4f} at step {kept['step']} of 4"
+        in completed.stdout
+    )
+    assert (tmp_path / "run" / "model.safetensors").exists() and (tmp_path / "run" / "sft" / "metrics.jsonl").exists()
+
+
 HEADER_COMMAND = re.compile(r"#\s*(Data|Run|On a CPU)[^:]*:\s*(.+)")
 
 
@@ -181,6 +201,8 @@ TINY_RUN = (
     "--gradient_accumulation_steps 1 --max_completion_length 8"
 )
 TINY_EXPERT_BATCH = "--chord_sft_per_device_train_batch_size 1"
+# And for sft-best-rl: an SFT stage of 2 steps, each evaluated, on one held-out RL prompt
+TINY_SFT_STAGE = " --sft_max_steps 2 --sft_eval_steps 1 --heldout_size 1 --per_device_eval_batch_size 4"
 NOISE = ("Failed to load CPU gemm_4bit_forward", "`gradient_checkpointing` is deprecated", "Traceback")
 
 
@@ -211,9 +233,12 @@ def test_every_shipped_config_runs_as_its_header_says(wheel_install, tmp_path):
     assert all(path.startswith(wheel_install.site) for path in config_files.values())
     headers = {name: header_commands(path) for name, path in config_files.items()}
     assert headers.pop("demo") == {"Run": "trl-chord --config demo"}
+    assert headers.pop("demo_sft_best_rl") == {"Run": "trl-chord sft-best-rl --config demo_sft_best_rl"}  # below
     for name, commands in headers.items():
         assert set(commands) == {"Data", "Run", "On a CPU"}, (name, commands)
-        assert commands["On a CPU"].startswith(f"trl-chord --config {name} "), name
+        assert commands["On a CPU"].startswith(
+            (f"trl-chord --config {name} ", f"trl-chord sft-best-rl --config {name} ")
+        )
 
     # The data: each distinct `Data` command, on local files in place of the hub datasets and tokenizer
     tiny_model = save_tiny_model(str(tmp_path / "tiny-model"))
@@ -249,6 +274,7 @@ def test_every_shipped_config_runs_as_its_header_says(wheel_install, tmp_path):
         with open(config_files[name]) as file:
             luffy_alone = yaml.safe_load(file).get("trainer") == "luffy"  # LUFFY without CHORD's expert term
         tiny_run = TINY_RUN if luffy_alone else f"{TINY_RUN} {TINY_EXPERT_BATCH}"
+        tiny_run += TINY_SFT_STAGE if " sft-best-rl " in command else ""
         completed = run_header_command(
             f"{command} --model_name_or_path {model} --output_dir {output_dir} {tiny_run}", wheel_install
         )

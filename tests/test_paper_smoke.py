@@ -73,6 +73,24 @@ def test_quick_paper_table(tmp_path):
         assert run["log"], run["arm"]
         if run["arm"] not in ("grpo", "sft_best_grpo", "sft_best_grpo_equal"):
             assert all(key in entry for entry in run["log"] for key in DIAGNOSTICS), run["arm"]
+    # SFT-best runs through the package (trl_chord.recipes.sft_best): the SFT runs' selection score at each evaluation
+    # is the mean accuracy of the two validation splits their curves measure, and the two-phase arms start at its best
+    for run in runs:
+        if run["arm"] == "sft":
+            curves = run["curves"]
+            assert [entry["step"] for entry in run["selection"]] == [point["step"] for point in curves["validation"]]
+            for entry, valid, hard in zip(run["selection"], curves["validation"], curves["hard_validation"]):
+                assert entry["eval_reward"] == pytest.approx((valid["accuracy"] + hard["accuracy"]) / 2)
+    sft_rate = report["sft_phase_learning_rates"]["paper"]
+    for run in runs:
+        if run["arm"] == "sft_best_grpo":
+            (sft_run,) = [
+                r
+                for r in runs
+                if r["arm"] == "sft" and r["seed"] == run["seed"] and r["setting"]["learning_rate"] == sft_rate
+            ]
+            best = max(sft_run["selection"], key=lambda entry: entry["eval_reward"])  # the first of equal ones
+            assert run["sft_phase"]["steps"] == best["step"]
     # Paired differences against both references, per column, with an interval around the mean
     for reference in ("grpo", "sft_best_grpo"):
         differences = report["paired_differences"][reference]

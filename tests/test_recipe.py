@@ -13,6 +13,7 @@ from trl_chord import ChordConfig, LuffyConfig
 from trl_chord.cli import main as cli_main
 from trl_chord.recipes import config_path, shipped_configs
 from trl_chord.recipes.chord import ChordScriptArguments, parse_args
+from trl_chord.recipes.sft_best_rl import parse_sft_best_rl_args
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,15 +68,28 @@ def test_shipped_configs_parse_by_name():
         "math_chord_phi_lora",
         "math_luffy",
         "tool_chord_phi",
+        "demo_sft_best_rl",
+        "math_sft_best_grpo",
     }
     for name, path in training_configs.items():
         # GPU configs set bf16, which the arguments refuse on a machine without a GPU unless told to use the CPU
-        script_args, training_args, model_args = parse_args(["--config", name, "--use_cpu", "true"])
-        config_class = LuffyConfig if name == "math_luffy" else ChordConfig
+        if "sft_best" in name:  # `trl-chord sft-best-rl`'s: its options too, and the SFT stage's config
+            script_args, sft, sft_args, training_args, model_args = parse_sft_best_rl_args(
+                ["--config", name, "--use_cpu", "true"]
+            )
+            assert (sft_args.learning_rate, sft_args.max_steps) == (sft.sft_learning_rate, sft.sft_max_steps), name
+            assert sft_args.chord_mu_peak == sft_args.chord_mu_valley == 1.0 and sft_args.save_only_model, name
+            assert training_args.chord_mu_peak == training_args.chord_mu_valley == 0.0, name
+            options = (script_args, sft, training_args, model_args)
+            config_class = ChordConfig
+        else:
+            script_args, training_args, model_args = parse_args(["--config", name, "--use_cpu", "true"])
+            config_class = LuffyConfig if name == "math_luffy" else ChordConfig
+            options = (script_args, training_args, model_args)
         assert isinstance(script_args, ChordScriptArguments) and isinstance(training_args, config_class), name
         with open(path) as file:
             for key, value in yaml.safe_load(file).items():
-                owners = [a for a in (script_args, training_args, model_args) if hasattr(a, key)]
+                owners = [a for a in options if hasattr(a, key)]
                 assert owners, (name, key)  # every key is an option of the recipe
                 if isinstance(value, (int, float, bool)):
                     assert getattr(owners[0], key) == value, (name, key)

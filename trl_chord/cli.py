@@ -7,6 +7,7 @@
     trl-chord configs accelerate/zero3       # the path of one, e.g. for `accelerate launch --config_file`
     trl-chord prepare                        # the data preparations of the paper configs
     trl-chord prepare toolace --output_dir data/toolace
+    trl-chord sft-best-rl --config demo_sft_best_rl   # SFT, its best held-out checkpoint, then GRPO or RLOO from it
 
 Multi-process: `accelerate launch [--config_file ...] -m trl_chord.cli --config ...`.
 """
@@ -57,10 +58,18 @@ def train(args: list[str]) -> None:
     run_recipe(*parse_args(args))
 
 
+def sft_best_rl(args: list[str]) -> None:
+    # Imported here, as `train` imports the recipe
+    from .recipes.sft_best_rl import main as run_sft_best_rl
+    from .recipes.sft_best_rl import parse_sft_best_rl_args
+
+    run_sft_best_rl(*parse_sft_best_rl_args(args))
+
+
 def main(args: list[str] | None = None) -> None:
     args = sys.argv[1:] if args is None else list(args)
     drop_bitsandbytes_cpu_kernel_notice()
-    command = {"configs": list_configs, "prepare": prepare}.get(args[0] if args else None)
+    command = {"configs": list_configs, "prepare": prepare, "sft-best-rl": sft_best_rl}.get(args[0] if args else None)
     try:
         if command is None:
             train(args)

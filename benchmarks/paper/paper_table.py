@@ -71,6 +71,7 @@ from trl_chord.demo.addition import (
 )
 from trl_chord.demo.heldout import HeldOutEvaluationCallback, completion_nll, evaluate, sampled_pass_rates
 from trl_chord.demo.tiny import build_tiny_model, build_tiny_tokenizer
+from trl_chord.recipes.sft_best import HeldOutRewardCallback, best_evaluation, rl_start_model
 
 
 MODEL_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
@@ -489,26 +490,15 @@ LOGGED_KEYS = (
 )
 
 
-class SaveAtEvaluations(TrainerCallback):
-    """Saves the model at every evaluation step, so that the best-validation checkpoint can be trained on from."""
-
-    def __init__(self, trainer, every_n_steps: int, directory: str):
-        self.trainer, self.every_n_steps, self.directory = trainer, every_n_steps, directory
-        self.paths: dict[int, str] = {}
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step % self.every_n_steps == 0 or state.global_step == state.max_steps:
-            path = os.path.join(self.directory, f"step-{state.global_step}")
-            self.trainer.save_model(path)
-            self.paths[state.global_step] = path
-
-
 def train_phase(
     model_path, scale, seed, learning_rate, steps, output_dir, chord, step_offset=0, keep_checkpoints=False
 ):
     """
     One ChordTrainer run from `model_path`: its evaluations over steps, its log, the seconds it spent training
-    (without the evaluations), and, with `keep_checkpoints`, the paths of the model saved at every evaluation.
+    (without the evaluations), and, with `keep_checkpoints` (SFT, the first phase of SFT-best -> GRPO), the package's
+    SFT-best selection: the validation score at every evaluation (`selection`) and each new best saved as a
+    checkpoint (`checkpoints`: step -> path, `None` for the starting model), so that the best of any first part of the
+    run is among them.
     """
     splits = task_splits(scale.eval_size)
     args = ChordConfig(
@@ -525,6 +515,7 @@ def train_phase(
         chord_sft_per_device_train_batch_size=scale.expert_batch_size,
         **COMMON_ARGS,
         **chord,
+        save_only_model=keep_checkpoints,  # the SFT-best checkpoints: weights only
     )
     uses_expert = max(args.chord_mu_peak, args.chord_mu_valley) > 0
     trainer = ChordTrainer(
@@ -548,12 +539,21 @@ def train_phase(
     }
     for callback in callbacks.values():
         trainer.add_callback(callback)
-    saver = SaveAtEvaluations(trainer, scale.eval_every, output_dir) if keep_checkpoints else None
-    if saver is not None:
-        trainer.add_callback(saver)
+    selection = None
+    if keep_checkpoints:
+        # The validation score that selects: the mean accuracy (the reward) over both families' validation splits,
+        # each answered in one greedy batch with its own token budget, as their curves are
+        selection = HeldOutRewardCallback(
+            trainer,
+            {split: splits[split] for split in VALIDATION_SPLITS},
+            scale.eval_every,
+            max_new_tokens={split: EVAL_TOKENS[split] for split in VALIDATION_SPLITS},
+            batch_size=scale.eval_size,
+        )
+        trainer.add_callback(selection)
     started = time.perf_counter()
     trainer.train()
-    evaluation_seconds = sum(callback.seconds for callback in callbacks.values())
+    evaluation_seconds = sum(callback.seconds for callback in [*callbacks.values(), selection] if callback is not None)
     curves = {split: callback.history for split, callback in callbacks.items()}
     log = [
         {"step": step_offset + entry["step"], **{key: entry[key] for key in LOGGED_KEYS if key in entry}}
@@ -564,7 +564,8 @@ def train_phase(
         "curves": curves,
         "log": log,
         "training_seconds": time.perf_counter() - started - evaluation_seconds,
-        "checkpoints": {} if saver is None else {step: path for step, path in saver.paths.items()},
+        "selection": [] if selection is None else selection.history,
+        "checkpoints": {} if selection is None else selection.checkpoints,
     }
 
 
@@ -617,7 +618,7 @@ def run_arm(arm: Arm, seed: int, setting: dict, scale: Scale, start: dict, work_
     if arm.sft_budget is not None:
         result["sft_phase"] = {"learning_rate": phase_one["learning_rate"], "steps": first_step}
     if arm.name == "sft":
-        result["checkpoints"] = {0: start["path"], **phase["checkpoints"]}
+        result["selection"], result["checkpoints"] = phase["selection"], phase["checkpoints"]
     return result
 
 
@@ -632,17 +633,12 @@ def final_validation(run: dict) -> float:
 
 def best_checkpoint(sft_run: dict, budget: str, scale: Scale) -> tuple[int, float]:
     """
-    The step of the SFT run's best-validation checkpoint (step 0, the starting model, included; ties: the earliest)
-    and its score. `"paper"` looks at every checkpoint, `"equal"` at those of the first half of the steps.
+    The step of the SFT run's best-validation checkpoint and its score, by the package's SFT-best rule (step 0, the
+    starting model, included; ties: the earliest). `"paper"` looks at every checkpoint, `"equal"` at those of the
+    first half of the steps.
     """
-    last = scale.steps if budget == "paper" else scale.steps // 2
-    candidates = [
-        (validation_score(sft_run["curves"], index), -point["step"])
-        for index, point in enumerate(sft_run["curves"]["validation"])
-        if point["step"] <= last
-    ]
-    score, negative_step = max(candidates)
-    return -negative_step, score
+    best = best_evaluation(sft_run["selection"], last_step=scale.steps if budget == "paper" else scale.steps // 2)
+    return best["step"], best["eval_reward"]
 
 
 def choose_setting(runs: list[dict]) -> dict:
@@ -780,13 +776,11 @@ class Experiment:
         sft_run = None if rate is None else self.runs.get(job("sft", seed, {"learning_rate": rate}))
         if sft_run is None:
             return None
-        step, _ = best_checkpoint(sft_run, arm.sft_budget, self.scale)
-        return {
-            "learning_rate": rate,
-            "steps": step,
-            "path": sft_run["checkpoints"][step],
-            "curves": sft_run["curves"],
-        }
+        step, score = best_checkpoint(sft_run, arm.sft_budget, self.scale)
+        # The package's hand-over: the kept checkpoint's folder (the starting model's for step 0)
+        best = {"step": step, "eval_reward": score, "checkpoint": sft_run["checkpoints"][step]}
+        path = rl_start_model(best, self.starts[seed]["path"], merged_dir="")  # full weights: nothing to merge
+        return {"learning_rate": rate, "steps": step, "path": path, "curves": sft_run["curves"]}
 
     def wanted(self) -> list[tuple[Job, dict | None]]:
         """Every run that can start now, with the SFT phase it starts from (two-phase arms), most urgent first."""

@@ -219,7 +219,7 @@ def check_trainer_options(script_args: ChordScriptArguments, model_args: ModelCo
             "server for its rollouts, and the demo's held-out evaluation generates with the policy, which "
             "AsyncGRPOTrainer loads with its packed attention. Give --model_name_or_path and --dataset_name."
         )
-    if builtin_task and script_args.trainer in ("luffy", "chord_luffy"):
+    if script_args.dataset_name is None and script_args.trainer in ("luffy", "chord_luffy"):
         raise ValueError(
             "The built-in demo is CHORD's: LUFFY needs RL prompts that carry their expert completions (a column, "
             "`--luffy_expert_column`). Give --dataset_name and --model_name_or_path (`trl-chord --config math_luffy`)."
@@ -273,6 +273,30 @@ def demo_model_path(training_args: ChordOptions, builtin_task: bool) -> str:
     return model_path
 
 
+def set_model_loading(script_args: ChordScriptArguments, training_args: ChordOptions, model_args: ModelConfig) -> dict:
+    """
+    Puts the model options (revision, attention, dtype) into `training_args.model_init_kwargs`, with which the trainer
+    loads the model, and returns the trainer's quantization argument (none for async_grpo).
+    """
+    model_init_kwargs = dict(revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code)
+    if script_args.trainer != "async_grpo":
+        model_init_kwargs.update(attn_implementation=model_args.attn_implementation, dtype=model_args.dtype)
+    training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
+    if script_args.trainer == "async_grpo":
+        return {}
+    return {"quantization_config": get_quantization_config(model_args)}
+
+
+def load_processing_class(model_path: str, model_args: ModelConfig, training_args: ChordOptions):
+    """A vision-language model's processor, any other model's tokenizer, as GRPOTrainer loads it when given none."""
+    return AutoProcessor.from_pretrained(
+        model_path,
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        padding_side="left",
+    )
+
+
 def print_run_outputs(output_dir: str, metrics_path: str, heldout_callback) -> None:
     """Where the metrics, their plot and the model are; the demo's held-out accuracy before and after."""
     history = heldout_callback.history if heldout_callback else None
@@ -294,20 +318,8 @@ def main(script_args: ChordScriptArguments, training_args: ChordOptions, model_a
     model_path = model_args.model_name_or_path
     if model_path is None:
         model_path = demo_model_path(training_args, builtin_task)
-    model_init_kwargs = dict(revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code)
-    if script_args.trainer != "async_grpo":
-        model_init_kwargs.update(attn_implementation=model_args.attn_implementation, dtype=model_args.dtype)
-    training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
-    # A vision-language model's processor, any other model's tokenizer, as GRPOTrainer loads it when given none
-    processing_class = AutoProcessor.from_pretrained(
-        model_path,
-        revision=model_args.model_revision,
-        trust_remote_code=training_args.trust_remote_code,
-        padding_side="left",
-    )
-    quantization = (
-        {} if script_args.trainer == "async_grpo" else {"quantization_config": get_quantization_config(model_args)}
-    )
+    quantization = set_model_loading(script_args, training_args, model_args)
+    processing_class = load_processing_class(model_path, model_args, training_args)
     trainer = trainer_class(
         model=model_path,
         reward_funcs=reward_funcs,
@@ -346,7 +358,8 @@ def main(script_args: ChordScriptArguments, training_args: ChordOptions, model_a
 
 USAGE = """trl-chord [--config NAME_OR_FILE] [--OPTION VALUE ...]    train (the options are below)
        trl-chord configs [NAME]                                 list the shipped configs, or print one's path
-       trl-chord prepare [NAME [--help | OPTIONS]]              make the data of a paper config"""
+       trl-chord prepare [NAME [--help | OPTIONS]]              make the data of a paper config
+       trl-chord sft-best-rl [--help | OPTIONS]                 SFT, its best held-out checkpoint, then RL from it"""
 
 DESCRIPTION = """\
 Train with CHORD: (1 - mu) * GRPO + mu * SFT on expert demonstrations (--trainer rloo or async_grpo: RLOO or TRL's
@@ -357,11 +370,13 @@ math_chord_phi, ...); flags on the command line win over the file. `trl-chord --
 Without a GPU, add --use_cpu true --bf16 false (the demo config sets them)."""
 
 
-def make_parser(trainer: str = "grpo") -> TrlParser:
+def make_parser(
+    trainer: str = "grpo", script_options: tuple[type, ...] = (ChordScriptArguments,), **kwargs
+) -> TrlParser:
+    """The parser of the script's options (`script_options`), the trainer's config and TRL's `ModelConfig`."""
     model_options = ModelConfigWithoutDtype if trainer == "async_grpo" else ModelConfig
-    return TrlParser(
-        (ChordScriptArguments, trainer_classes(trainer)[0], model_options), usage=USAGE, description=DESCRIPTION
-    )
+    options = (*script_options, trainer_classes(trainer)[0], model_options)
+    return TrlParser(options, **{"usage": USAGE, "description": DESCRIPTION, **kwargs})
 
 
 def resolve_config_argument(args: list[str]) -> list[str]:
@@ -387,11 +402,14 @@ def requested_trainer(args: list[str]) -> str:
     return "grpo"
 
 
-def parse_args(args: list[str]) -> tuple[ChordScriptArguments, ChordOptions, ModelConfig]:
-    """The recipe's options from `args`; `--config` takes a YAML file or the name of a shipped config (`demo`)."""
+def parse_args(args: list[str], parser: TrlParser | None = None) -> tuple:
+    """
+    The recipe's options from `args` (`ChordScriptArguments`, the trainer's config, `ModelConfig`), or those of
+    `parser`; `--config` takes a YAML file or the name of a shipped config (`demo`).
+    """
     args = resolve_config_argument(args)
     try:
-        return make_parser(requested_trainer(args)).parse_args_and_config(args)
+        return (parser or make_parser(requested_trainer(args))).parse_args_and_config(args)
     except ValueError as error:
         # transformers refuses bf16 (TRL's default, and the paper configs') without a GPU, and names only use_cpu
         if "bf16" not in str(error) or is_torch_bf16_gpu_available():
