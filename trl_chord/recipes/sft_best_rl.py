@@ -218,10 +218,13 @@ def parse_sft_best_rl_args(args: list[str]) -> tuple:
     args = resolve_config_argument(args)
     trainer = requested_trainer(args)
     if trainer not in ("grpo", "rloo"):
-        raise CommandLineError(
-            f"sft-best-rl runs --trainer grpo or rloo, not {trainer}: its held-out evaluation generates with the "
-            "policy in the training processes, which AsyncGRPOTrainer leaves to a vLLM server."
+        why = (
+            "its held-out evaluation generates with the policy in the training processes, which AsyncGRPOTrainer "
+            "leaves to a vLLM server"
+            if trainer == "async_grpo"
+            else "the paper's SFT-best + RL trains on the rollouts alone after SFT, with no expert completions"
         )
+        raise CommandLineError(f"sft-best-rl runs --trainer grpo or rloo, not {trainer}: {why}.")
     parser = make_parser(trainer, (ChordScriptArguments, SftBestArguments), usage=USAGE, description=DESCRIPTION)
     script_args, sft, rl_args, model_args = parse_args(args, parser)
     check_options(script_args, sft, rl_args)
