@@ -7,7 +7,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import RLOOConfig
 
-from trl_chord import ChordConfig, ChordRLOOTrainer, ChordTrainer
+from trl_chord import ChordConfig, ChordRLOOConfig, ChordRLOOTrainer, ChordTrainer
 
 
 def make_rl_prompts(num_prompts: int = 16) -> Dataset:
@@ -58,6 +58,10 @@ def chord_config(tmp_path, **overrides) -> ChordConfig:
 
 # RLOOConfig's `beta` defaults to 0.05 (a reference model), GRPOConfig's to 0: the RLOO tests run without one
 RLOO_ARGS = {**COMMON_ARGS, "beta": 0.0}
+
+
+def chord_rloo_config(tmp_path, **overrides) -> ChordRLOOConfig:
+    return ChordRLOOConfig(output_dir=str(tmp_path / "out"), **{**RLOO_ARGS, **overrides})
 
 
 def make_trainer(model_dir, args, expert_dataset=None, reward_funcs=None, **kwargs) -> ChordTrainer:

@@ -33,9 +33,9 @@ if vllm_unavailable():
 from bounded_run import run_bounded  # noqa: E402
 from helpers import (  # noqa: E402
     COMMON_ARGS,
-    RLOO_ARGS,
     async_grpo_unavailable,
     chord_config,
+    chord_rloo_config,
     logged,
     make_expert_dataset,
     make_rl_prompts,
@@ -47,7 +47,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCa
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 from trl.generation.vllm_generation import VLLMGeneration  # noqa: E402
 
-from trl_chord import ChordRLOOConfig  # noqa: E402
 from trl_chord.demo.tiny import save_tiny_model  # noqa: E402
 
 
@@ -262,8 +261,7 @@ def test_vllm_lora_is_merged_for_the_sync_and_unmerged_after(vllm_model_dir, vll
 
 
 def test_vllm_chord_rloo_trainer(vllm_model_dir, vllm_options, probe, tmp_path):
-    options = {**RLOO_ARGS, "max_steps": 3, **CROSSING, **vllm_options}
-    args = ChordRLOOConfig(output_dir=str(tmp_path / "out"), **options)
+    args = chord_rloo_config(tmp_path, max_steps=3, **CROSSING, **vllm_options)
     trainer = probe.watch(make_trainer(vllm_model_dir, args, make_expert_dataset()))
     trainer.train()
     assert logged(trainer, "chord/rloo_skipped") == [0.0, 1.0, 0.0]
