@@ -5,6 +5,7 @@ its own learning rates chosen on validation, on 5 reported seeds, with a part of
 teach, a second skill to keep and an out-of-distribution split.
 
     HF_HUB_OFFLINE=1 python benchmarks/paper/paper_table.py [--quick] [--preconditions_only] [--output_dir DIR]
+    python benchmarks/paper/paper_table.py --report_only docs/results/paper_table.json  # no training: the tables
 
 1. For each seed (a selection seed, then the reported seeds), a tiny random model is pre-trained with plain SFT
    (TRL's SFTTrainer) on two task families in a SHORT answer style: two- and three-digit + two-digit sums (the target
@@ -1030,8 +1031,10 @@ def tradeoff(runs: list[dict]) -> dict:
 
 
 def sweep_rows(experiment: Experiment) -> dict:
-    """Every setting of every arm on the selection seed: validation score and final test scores (and, for SFT, its
-    best checkpoint in each budget; for the two-phase arms, the SFT phase they started from)."""
+    """Every setting of every arm on the selection seed: the score the selection read (`selection_score`: the mean
+    final accuracy of both validation splits; a name no split has, so that the splits' own accuracies beside it
+    cannot overwrite it) and each split's final accuracy (and, for SFT, its best checkpoint in each budget; for the
+    two-phase arms, the SFT phase they started from)."""
     seed, scale = experiment.scale.selection_seed, experiment.scale
     rows = {}
     for arm in ARMS:
@@ -1039,17 +1042,36 @@ def sweep_rows(experiment: Experiment) -> dict:
         for run in experiment.sweep_runs(arm):
             row = {
                 "setting": run["setting"],
-                "validation": final_validation(run),
+                "selection_score": final_validation(run),
                 **{split: run["curves"][split][-1]["accuracy"] for split in CURVE_SPLITS},
             }
             if arm.name == "sft":
                 for budget in ("paper", "equal"):
                     step, score = best_checkpoint(run, budget, scale)
-                    row[f"best_checkpoint_{budget}"] = {"step": step, "validation": score}
+                    row[f"best_checkpoint_{budget}"] = {"step": step, "selection_score": score}
             if "sft_phase" in run:
                 row["sft_phase"] = run["sft_phase"]
             rows[arm.name].append(row)
     return {"seed": seed, "rows": rows}
+
+
+def add_sft_phase_seconds(summaries: dict, experiment: Experiment) -> None:
+    """
+    The two-phase arms' SFT phase in their training seconds: each reported seed's SFT run at the phase's rate, for
+    the steps the GRPO phase started after (prorated: an SFT step costs about the same throughout, no generation).
+    """
+    scale = experiment.scale
+    for arm in ARMS:
+        if arm.sft_budget is None:
+            continue
+        phase = summaries[arm.name]["sft_phase"]
+        seconds = [
+            experiment.runs[job("sft", seed, {"learning_rate": phase["learning_rate"]})]["training_seconds"]
+            * steps
+            / scale.steps
+            for seed, steps in zip(summaries[arm.name]["seeds"], phase["steps"], strict=True)
+        ]
+        phase["training_seconds"] = summarize(seconds)
 
 
 def results(experiment: Experiment) -> dict:
@@ -1074,6 +1096,7 @@ def results(experiment: Experiment) -> dict:
         **{arm.name: arm_summary(arm.description, reported[arm.name], chosen[arm.name]) for arm in ARMS},
         "sft_best": sft_best_summary(sft_phase_runs, sft_rate, scale),
     }
+    add_sft_phase_seconds(summaries, experiment)
     all_runs = [
         {key: value for key, value in run.items() if key != "checkpoints"}
         for _, run in sorted(experiment.runs.items(), key=lambda item: (item[0].arm, item[0].seed, item[0].setting))
@@ -1134,6 +1157,9 @@ def results_table(report: dict) -> str:
         final = result["final"]
         dip = f"{result['dip']:.3f}" if "dip" in result else "-"
         seconds = f"{result['training_seconds']['mean']:.0f}" if "training_seconds" in result else "-"
+        if "training_seconds" in result.get("sft_phase", {}):
+            sft, rl = result["sft_phase"]["training_seconds"]["mean"], result["training_seconds"]["mean"]
+            seconds = f"{sft + rl:.0f} (SFT {sft:.0f} + GRPO {rl:.0f})"
         lines.append(
             f"| {name}: {result['description']} | {describe_setting(result)} | "
             + " | ".join(cell(final[split]["accuracy"]) for split in COLUMNS)
@@ -1159,7 +1185,7 @@ def differences_table(report: dict, reference: str) -> str:
 def sweep_table(report: dict) -> str:
     """Every setting of every arm on the selection seed; the chosen one in bold."""
     lines = [
-        "| method | setting | validation (selects) | "
+        "| method | setting | selection score (mean of both validation splits) | "
         + " | ".join(COLUMN_NAMES[split] for split in COLUMNS)
         + " | note |",
         "| --- | --- | --- | " + " | ".join("---" for _ in COLUMNS) + " | --- |",
@@ -1171,14 +1197,14 @@ def sweep_table(report: dict) -> str:
             if "best_checkpoint_paper" in row:
                 paper, equal = row["best_checkpoint_paper"], row["best_checkpoint_equal"]
                 note = (
-                    f"best checkpoint: step {paper['step']} ({paper['validation']:.3f}); in the first half: step "
-                    f"{equal['step']} ({equal['validation']:.3f})"
+                    f"best checkpoint: step {paper['step']} ({paper['selection_score']:.3f}); in the first half: step "
+                    f"{equal['step']} ({equal['selection_score']:.3f})"
                 )
             if "sft_phase" in row:
                 note = f"from SFT at {row['sft_phase']['learning_rate']:g}, step {row['sft_phase']['steps']}"
             label = setting_label(row["setting"]).replace("learning_rate ", "lr ").replace("decay_steps ", "decay ")
             lines.append(
-                f"| {name} | {mark}{label}{mark} | {mark}{row['validation']:.3f}{mark} | "
+                f"| {name} | {mark}{label}{mark} | {mark}{row['selection_score']:.3f}{mark} | "
                 + " | ".join(f"{row[split]:.3f}" for split in COLUMNS)
                 + f" | {note} |"
             )
@@ -1331,6 +1357,52 @@ def resource_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+def print_tables(report: dict) -> None:
+    scale = report["scale"]
+    print("\nPreconditions (starting models):\n" + preconditions_table(report))
+    print(f"\nSettings (selection seed {scale['selection_seed']}, not reported):\n" + sweep_table(report))
+    print(f"\nResults (final step, chosen settings, seeds {scale['seeds']}):\n" + results_table(report))
+    for reference in REFERENCES:
+        print(
+            f"\nPaired differences against {reference} (95% bootstrap intervals over seeds):\n"
+            + differences_table(report, reference)
+        )
+    print("\nThe expert term's diagnostics (chosen settings, mean over seeds):\n" + diagnostics_table(report))
+
+
+def report_only(path: str, output_dir: str) -> None:
+    """
+    Rebuilds from a written report's `runs`, without training, what is derived from them in this script's present
+    code (the settings table's rows and the two-phase arms' SFT-phase seconds), writes the report to `output_dir` and
+    prints its tables. Reports written before the SFT runs kept their selection history have the same score in their
+    curves: the mean accuracy of both validation splits at each evaluation (the smoke test checks that they agree).
+    """
+    with open(path) as file:
+        report = json.load(file)
+    scale = Scale(**report["scale"])
+    experiment = Experiment(scale, work_dir="", workers=0)
+    experiment.rates = {name: grid["rates"] for name, grid in report["learning_rate_grids"].items()}
+    for run in report["runs"]:
+        if run["arm"] == "sft" and "selection" not in run:
+            curves = run["curves"]
+            scores = [validation_score(curves, index) for index in range(len(curves["validation"]))]
+            steps = [point["step"] for point in curves["validation"]]
+            run = {**run, "selection": [{"step": s, "eval_reward": v} for s, v in zip(steps, scores, strict=True)]}
+        experiment.runs[job(run["arm"], run["seed"], run["setting"])] = run
+    for arm in ARMS:  # the bold rows and the reported runs must still be what this code chooses
+        if (chosen := experiment.chosen(arm)) != report["chosen_settings"][arm.name]:
+            sys.exit(
+                f"{arm.name}: this code chooses {chosen}, the report {report['chosen_settings'][arm.name]}: rerun the "
+                "experiment"
+            )
+    report["sweep"] = sweep_rows(experiment)
+    add_sft_phase_seconds(report["methods"], experiment)
+    name = os.path.splitext(os.path.basename(path))[0]
+    with open(os.path.join(output_dir, f"{name}.json"), "w") as file:
+        json.dump(report, file, indent=1)
+    print_tables(report)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a much smaller smoke version (about a minute)")
@@ -1341,7 +1413,17 @@ def main():
         action="store_true",
         help="pre-train the starting models, measure P1-P5 and stop (writes paper_table_preconditions.json)",
     )
+    parser.add_argument(
+        "--report_only",
+        metavar="JSON",
+        help="train nothing: rebuild the settings table's rows and the two-phase arms' SFT-phase seconds from this "
+        "report's runs, write it to --output_dir under its own name and print its tables",
+    )
     options = parser.parse_args()
+    if options.report_only:
+        os.makedirs(options.output_dir, exist_ok=True)
+        report_only(options.report_only, options.output_dir)
+        return
     scale = QUICK if options.quick else FULL
     started, load_before = time.time(), machine_load()
     own_cpu_before = resource_seconds()
@@ -1389,15 +1471,7 @@ def main():
     plot_tradeoff(report, os.path.join(options.output_dir, f"{name}_tradeoff.png"))
     with open(os.path.join(options.output_dir, f"{name}.json"), "w") as file:
         json.dump(report, file, indent=1)
-    print("\nPreconditions (starting models):\n" + preconditions_table(report))
-    print(f"\nSettings (selection seed {scale.selection_seed}, not reported):\n" + sweep_table(report))
-    print(f"\nResults (final step, chosen settings, seeds {scale.seeds}):\n" + results_table(report))
-    for reference in REFERENCES:
-        print(
-            f"\nPaired differences against {reference} (95% bootstrap intervals over seeds):\n"
-            + differences_table(report, reference)
-        )
-    print("\nThe expert term's diagnostics (chosen settings, mean over seeds):\n" + diagnostics_table(report))
+    print_tables(report)
     print(
         f"\nWall time {wall_seconds / 60:.1f} min; CPU share used by other processes "
         f"{info['load']['share_of_cpu_used_by_others']:.0%}; commit {info['commit']}; "
