@@ -333,11 +333,6 @@ def without_image_decoding(dataset: Dataset) -> Dataset:
     return dataset
 
 
-def skip_counts(skipped: Counter) -> str:
-    """The skipped examples' counts by reason, for the warning and the error that list them."""
-    return ", ".join(f"{count} with {reason}" for reason, count in sorted(skipped.items()))
-
-
 def prepare_expert_dataset(
     dataset: Dataset,
     processing_class: PreTrainedTokenizerBase | ProcessorMixin,
@@ -373,15 +368,16 @@ def prepare_expert_dataset(
         desc="Tokenizing expert dataset",
     )
     skipped = Counter(reason for reason in tokenized["skip_reason"] if reason)
+    skip_counts = ", ".join(f"{count} with {reason}" for reason, count in sorted(skipped.items()))
     if skipped:
         logger.warning(
             f"Skipped {sum(skipped.values())} of {len(dataset)} expert examples{f' of {source!r}' if source else ''}: "
-            f"{skip_counts(skipped)} (max length {max_length} tokens, `chord_sft_max_length`)."
+            f"{skip_counts} (max length {max_length} tokens, `chord_sft_max_length`)."
         )
     kept = tokenized.filter(lambda reason: reason == "", input_columns="skip_reason").remove_columns("skip_reason")
     if len(kept) == 0:
         raise ValueError(
-            f"Every one of the {len(dataset)} expert examples was skipped ({skip_counts(skipped)}): nothing is left "
+            f"Every one of the {len(dataset)} expert examples was skipped ({skip_counts}): nothing is left "
             f"to train on. Check the completions, or raise `chord_sft_max_length` ({max_length})."
         )
     return kept

@@ -41,10 +41,8 @@ class LuffyMixin:
     they come from `generate` or from vLLM; from there on, TRL's code treats them as rollouts: decoded, scored by the
     reward functions, their advantages computed over the whole mixed group (with `scale_rewards`), and their
     reference log-probabilities computed when `beta > 0`. [`_compute_loss`] then gives their tokens LUFFY's shaped
-    loss ([`luffy_token_losses`]) and aggregates the mixed batch ([`aggregate_luffy_loss`]).
-
-    Expert tokens have no sampling log-probabilities: their vLLM log-probabilities are `None` (TRL's "unavailable",
-    a sampling-correction ratio of 1), and the loss applies neither that ratio nor `old_per_token_logps` to them.
+    loss ([`luffy_token_losses`]: no sampling correction nor `old_per_token_logps`, which experts lack) and aggregates
+    the mixed batch ([`aggregate_luffy_loss`]).
     """
 
     _paper = LUFFY_PAPER
@@ -224,7 +222,22 @@ class LuffyMixin:
         off_policy = off_policy.unsqueeze(1)
         per_token_loss, ratio, shaping, kl = self._luffy_per_token_loss(inputs, per_token_logps, off_policy)
         mode = "train" if self.model.training else "eval"
-        loss = self._micro_batch_luffy_loss(inputs, per_token_loss, entropies, aux_loss, mode)
+        accumulation_steps = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        step_tokens = None
+        if self.loss_type == "dapo":  # GRPOTrainer's normaliser: this process's share of the step's trained tokens
+            step_tokens = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                step_tokens = step_tokens * accumulation_steps / self.args.steps_per_generation
+        loss = aggregate_luffy_loss(
+            per_token_loss, mask, self.loss_type, accumulation_steps, self.max_completion_length, step_tokens
+        )
+        if self.entropy_coef != 0.0:
+            # Over every completion token, the expert's too (the authors' entropy term), as GRPOTrainer scales it
+            entropy_loss = (entropies * mask).sum() / mask.sum().clamp(min=1.0) / accumulation_steps
+            loss = loss - self.entropy_coef * entropy_loss
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation_steps
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         self._log_luffy_loss_metrics(mode, inputs, off_policy, ratio, shaping, per_token_logps, entropies, kl)
         return loss
 
@@ -256,27 +269,6 @@ class LuffyMixin:
                 per_token_kl = per_token_kl * ratio
             per_token_loss = per_token_loss + self.beta * per_token_kl
         return per_token_loss, ratio, shaping, per_token_kl
-
-    def _micro_batch_luffy_loss(self, inputs, per_token_loss, entropies, aux_loss, mode: str) -> torch.Tensor:
-        """The micro-batch's loss from its token losses, as GRPOTrainer aggregates, normalises and adds to its own."""
-        mask = inputs["completion_mask"]
-        accumulation_steps = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        step_tokens = None
-        if self.loss_type == "dapo":  # GRPOTrainer's normaliser: this process's share of the step's trained tokens
-            step_tokens = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-            if mode == "train":
-                step_tokens = step_tokens * accumulation_steps / self.args.steps_per_generation
-        loss = aggregate_luffy_loss(
-            per_token_loss, mask, self.loss_type, accumulation_steps, self.max_completion_length, step_tokens
-        )
-        if self.entropy_coef != 0.0:
-            # Over every completion token, the expert's too (the authors' entropy term), as GRPOTrainer scales it
-            entropy_loss = (entropies * mask).sum() / mask.sum().clamp(min=1.0) / accumulation_steps
-            loss = loss - self.entropy_coef * entropy_loss
-        if self.aux_loss_enabled:
-            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation_steps
-            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
-        return loss
 
     def _log_luffy_loss_metrics(self, mode, inputs, off_policy, ratio, shaping, logps, entropies, kl) -> None:
         """The loss's metrics, from sums over every process's micro-batch: GRPOTrainer's (over the rollout tokens for

@@ -231,10 +231,8 @@ def process_batches(sets: dict[str, Dataset], batch_size: int, num_processes: in
 def generated_answers(
     model, processing_class, prompts: list, max_new_tokens: int, generation: dict, chat_template_kwargs, device
 ) -> tuple[list[list[int]], list]:
-    """
-    The model's answers to `prompts`: their tokens up to the first end token ([`answer_ids`]), and their texts as
-    GRPOTrainer gives completions to reward functions (an assistant message each, for conversational prompts).
-    """
+    """The model's answers to `prompts`: their tokens up to the first end token ([`answer_ids`]), and their texts as
+    GRPOTrainer gives completions to reward functions (an assistant message each, for conversational prompts)."""
     inputs = tokenized_prompts(processing_class, prompts, chat_template_kwargs or {})
     inputs = {key: value.to(device) for key, value in inputs.items()}
     generated = model.generate(**inputs, max_new_tokens=max_new_tokens, **generation)

@@ -308,11 +308,8 @@ def train_with_evaluation(trainer, evaluation: HeldOutRewardCallback) -> None:
 
 
 def next_stage_processes() -> PartialState:
-    """
-    The processes after the SFT stage, its memory collected and accelerate's state wiped (not the process group), as
-    transformers' hyperparameter search does between runs: accelerate refuses the RL stage's second Accelerator with a
-    DeepSpeed plugin while the first's state, holding the SFT stage's values, stands.
-    """
+    """The processes after the SFT stage, its memory collected and accelerate's state wiped (not the process group),
+    which holds the SFT stage's DeepSpeed values and refuses a second Accelerator (docs/trl-internals.md)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
