@@ -1,5 +1,5 @@
-"""SFT-best -> RL (trl_chord/recipes/sft_best.py, `trl-chord sft-best-rl`): the held-out reward evaluation, the kept
-checkpoint, the hand-over to the RL stage, and the command's refusals."""
+"""SFT-best -> RL (trl_chord/recipes/sft_best.py and heldout_reward.py, `trl-chord sft-best-rl`): the held-out reward
+evaluation, the kept checkpoint, the hand-over to the RL stage, and the command's refusals."""
 
 import copy
 import json
@@ -19,13 +19,8 @@ from trl_chord.cli import main as cli_main
 from trl_chord.demo.addition import addition_reward
 from trl_chord.demo.heldout import answer_token_mask, tokenized_prompts
 from trl_chord.recipes.chord import ChordScriptArguments
-from trl_chord.recipes.sft_best import (
-    HeldOutRewardCallback,
-    best_evaluation,
-    process_share,
-    rl_start_model,
-    score_heldout,
-)
+from trl_chord.recipes.heldout_reward import process_share, score_heldout
+from trl_chord.recipes.sft_best import HeldOutRewardCallback, best_evaluation, rl_start_model
 from trl_chord.recipes.sft_best_rl import SftBestArguments, heldout_prompts
 
 

@@ -24,6 +24,16 @@ KNOWN_ROLES = {"system", "developer", "user", "assistant", "tool", "ipython", "f
 IMAGE_COLUMNS = ("images", "image")
 # The processor outputs with one value per token (TRL's names); every other one is per image
 PER_TOKEN_IMAGE_INPUTS = ("token_type_ids", "mm_token_type_ids")
+# A processor's tokenized examples, declared so that a run of examples without images leaves no column untyped
+PROCESSOR_TOKENIZED_FEATURES = Features(
+    {
+        "input_ids": Sequence(Value("int64")),
+        "completion_mask": Sequence(Value("int64")),
+        "skip_reason": Value("string"),
+        "images": Sequence(ImageFeature(decode=False)),
+        "text": Value("string"),
+    }
+)
 
 
 def expert_dataset_format(column_names: list[str]) -> str:
@@ -349,39 +359,26 @@ def prepare_expert_dataset(
             "`expert_dataset` is conversational, but the tokenizer or processor (`processing_class`) has no chat "
             "template. Set `processing_class.chat_template`, or give plain-text `prompt`/`completion` columns."
         )
-    features = None
-    if isinstance(processing_class, ProcessorMixin):
-        # Declared, so that a run of examples without images does not leave the `images` column untyped
-        features = Features(
-            {
-                "input_ids": Sequence(Value("int64")),
-                "completion_mask": Sequence(Value("int64")),
-                "skip_reason": Value("string"),
-                "images": Sequence(ImageFeature(decode=False)),
-                "text": Value("string"),
-            }
-        )
     tokenized = dataset.map(
         tokenize_expert_example,
         with_indices=True,
         fn_kwargs={"processing_class": processing_class, "max_length": max_length, "image_token_id": image_token_id},
         remove_columns=dataset.column_names,
-        features=features,
+        features=PROCESSOR_TOKENIZED_FEATURES if isinstance(processing_class, ProcessorMixin) else None,
         desc="Tokenizing expert dataset",
     )
     skipped = Counter(reason for reason in tokenized["skip_reason"] if reason)
+    skip_counts = ", ".join(f"{count} with {reason}" for reason, count in sorted(skipped.items()))
     if skipped:
         logger.warning(
             f"Skipped {sum(skipped.values())} of {len(dataset)} expert examples{f' of {source!r}' if source else ''}: "
-            + ", ".join(f"{count} with {reason}" for reason, count in sorted(skipped.items()))
-            + f" (max length {max_length} tokens, `chord_sft_max_length`)."
+            f"{skip_counts} (max length {max_length} tokens, `chord_sft_max_length`)."
         )
     kept = tokenized.filter(lambda reason: reason == "", input_columns="skip_reason").remove_columns("skip_reason")
     if len(kept) == 0:
         raise ValueError(
-            f"Every one of the {len(dataset)} expert examples was skipped ("
-            + ", ".join(f"{count} with {reason}" for reason, count in sorted(skipped.items()))
-            + f"): nothing is left to train on. Check the completions, or raise `chord_sft_max_length` ({max_length})."
+            f"Every one of the {len(dataset)} expert examples was skipped ({skip_counts}): nothing is left "
+            f"to train on. Check the completions, or raise `chord_sft_max_length` ({max_length})."
         )
     return kept
 

@@ -41,10 +41,8 @@ class LuffyMixin:
     they come from `generate` or from vLLM; from there on, TRL's code treats them as rollouts: decoded, scored by the
     reward functions, their advantages computed over the whole mixed group (with `scale_rewards`), and their
     reference log-probabilities computed when `beta > 0`. [`_compute_loss`] then gives their tokens LUFFY's shaped
-    loss ([`luffy_token_losses`]) and aggregates the mixed batch ([`aggregate_luffy_loss`]).
-
-    Expert tokens have no sampling log-probabilities: their vLLM log-probabilities are `None` (TRL's "unavailable",
-    a sampling-correction ratio of 1), and the loss applies neither that ratio nor `old_per_token_logps` to them.
+    loss ([`luffy_token_losses`]: no sampling correction nor `old_per_token_logps`, which experts lack) and aggregates
+    the mixed batch ([`aggregate_luffy_loss`]).
     """
 
     _paper = LUFFY_PAPER
@@ -222,30 +220,7 @@ class LuffyMixin:
         if off_policy is None:  # LUFFY's aggregation without expert completions, or evaluation
             off_policy = torch.zeros(completion_ids.size(0), dtype=torch.bool, device=completion_ids.device)
         off_policy = off_policy.unsqueeze(1)
-        old_per_token_logps = inputs.get("old_per_token_logps")
-        if old_per_token_logps is None:  # on-policy: GRPOTrainer leaves them out when they equal the current ones
-            old_per_token_logps = per_token_logps.detach()
-        sampling_correction = self.use_vllm and self.vllm_importance_sampling_correction
-        per_token_loss, ratio, shaping = luffy_token_losses(
-            per_token_logps,
-            old_per_token_logps,
-            inputs["advantages"],
-            off_policy,
-            self.args.luffy_gamma,
-            self.epsilon_low,
-            self.epsilon_high,
-            self.args.delta,
-            inputs["importance_sampling_ratio"] if sampling_correction else None,
-        )
-        if self.beta != 0.0:
-            ref_per_token_logps = inputs["ref_per_token_logps"]
-            per_token_kl = (
-                torch.exp(ref_per_token_logps - per_token_logps) - (ref_per_token_logps - per_token_logps) - 1
-            )
-            if self.args.use_bias_correction_kl:  # GRPOTrainer's correction; the ratio is 1 at expert tokens
-                per_token_kl = per_token_kl * ratio
-            per_token_loss = per_token_loss + self.beta * per_token_kl
-
+        per_token_loss, ratio, shaping, kl = self._luffy_per_token_loss(inputs, per_token_logps, off_policy)
         mode = "train" if self.model.training else "eval"
         accumulation_steps = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         step_tokens = None
@@ -263,39 +238,73 @@ class LuffyMixin:
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation_steps
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+        self._log_luffy_loss_metrics(mode, inputs, off_policy, ratio, shaping, per_token_logps, entropies, kl)
+        return loss
 
-        # Sums over every process's micro-batch, for the metrics
+    def _luffy_per_token_loss(self, inputs, per_token_logps, off_policy) -> tuple:
+        """`(per_token_loss, ratio, shaping, per_token_kl)`: LUFFY's token losses plus GRPOTrainer's KL term (`None`
+        at `beta = 0`)."""
+        old_per_token_logps = inputs.get("old_per_token_logps")
+        if old_per_token_logps is None:  # on-policy: GRPOTrainer leaves them out when they equal the current ones
+            old_per_token_logps = per_token_logps.detach()
+        sampling_correction = self.use_vllm and self.vllm_importance_sampling_correction
+        per_token_loss, ratio, shaping = luffy_token_losses(
+            per_token_logps,
+            old_per_token_logps,
+            inputs["advantages"],
+            off_policy,
+            self.args.luffy_gamma,
+            self.epsilon_low,
+            self.epsilon_high,
+            self.args.delta,
+            inputs["importance_sampling_ratio"] if sampling_correction else None,
+        )
+        per_token_kl = None
+        if self.beta != 0.0:
+            ref_per_token_logps = inputs["ref_per_token_logps"]
+            per_token_kl = (
+                torch.exp(ref_per_token_logps - per_token_logps) - (ref_per_token_logps - per_token_logps) - 1
+            )
+            if self.args.use_bias_correction_kl:  # GRPOTrainer's correction; the ratio is 1 at expert tokens
+                per_token_kl = per_token_kl * ratio
+            per_token_loss = per_token_loss + self.beta * per_token_kl
+        return per_token_loss, ratio, shaping, per_token_kl
+
+    def _log_luffy_loss_metrics(self, mode, inputs, off_policy, ratio, shaping, logps, entropies, kl) -> None:
+        """The loss's metrics, from sums over every process's micro-batch: GRPOTrainer's (over the rollout tokens for
+        the clip ratios) and LUFFY's over the expert tokens."""
+        mask = inputs["completion_mask"]
         expert_tokens = mask * off_policy
         rollout_tokens = mask * ~off_policy
         advantages = inputs["advantages"].unsqueeze(1)
         low_clipped = (ratio < 1 - self.epsilon_low) & (advantages < 0)
         high_clipped = (ratio > 1 + self.epsilon_high) & (advantages > 0)
-        sums = [
-            (shaping * expert_tokens).sum(),
-            (per_token_logps.exp() * expert_tokens).sum(),
-            expert_tokens.sum(),
-            (entropies * mask).sum(),
-            mask.sum(),
-            (low_clipped * rollout_tokens).sum(),
-            (high_clipped * rollout_tokens).sum(),
-            ((low_clipped | high_clipped) * rollout_tokens).sum(),
-            rollout_tokens.sum(),
-        ]
+        sums = {
+            "shaping": (shaping * expert_tokens).sum(),
+            "expert_prob": (logps.exp() * expert_tokens).sum(),
+            "expert_tokens": expert_tokens.sum(),
+            "entropy": (entropies * mask).sum(),
+            "tokens": mask.sum(),
+            "low_clipped": (low_clipped * rollout_tokens).sum(),
+            "high_clipped": (high_clipped * rollout_tokens).sum(),
+            "clipped": ((low_clipped | high_clipped) * rollout_tokens).sum(),
+            "rollout_tokens": rollout_tokens.sum(),
+        }
         if self.beta != 0.0:
-            sums.append((per_token_kl * mask).sum())
-        totals = self.accelerator.reduce(torch.stack([s.detach().float() for s in sums]), reduction="sum").tolist()
+            sums["kl"] = (kl * mask).sum()
+        reduced = self.accelerator.reduce(torch.stack([s.detach().float() for s in sums.values()]), reduction="sum")
+        totals = dict(zip(sums, reduced.tolist()))
         metrics = self._metrics[mode]
-        tokens, rollout_token_count = max(totals[4], 1.0), max(totals[8], 1.0)
-        metrics["entropy"].append(totals[3] / tokens)
-        metrics["clip_ratio/low_mean"].append(totals[5] / rollout_token_count)
-        metrics["clip_ratio/high_mean"].append(totals[6] / rollout_token_count)
-        metrics["clip_ratio/region_mean"].append(totals[7] / rollout_token_count)
+        tokens, rollout_token_count = max(totals["tokens"], 1.0), max(totals["rollout_tokens"], 1.0)
+        metrics["entropy"].append(totals["entropy"] / tokens)
+        metrics["clip_ratio/low_mean"].append(totals["low_clipped"] / rollout_token_count)
+        metrics["clip_ratio/high_mean"].append(totals["high_clipped"] / rollout_token_count)
+        metrics["clip_ratio/region_mean"].append(totals["clipped"] / rollout_token_count)
         if self.beta != 0.0:
-            metrics["kl"].append(totals[9] / tokens)
-        if totals[2] > 0:
-            metrics["luffy/shaping_weight_mean"].append(totals[0] / totals[2])
-            metrics["luffy/expert_token_prob"].append(totals[1] / totals[2])
-        return loss
+            metrics["kl"].append(totals["kl"] / tokens)
+        if totals["expert_tokens"] > 0:
+            metrics["luffy/shaping_weight_mean"].append(totals["shaping"] / totals["expert_tokens"])
+            metrics["luffy/expert_token_prob"].append(totals["expert_prob"] / totals["expert_tokens"])
 
 
 class LuffyTrainer(LuffyMixin, GRPOTrainer):

@@ -7,15 +7,9 @@
     accelerate launch --config_file "$(trl-chord configs accelerate/zero3)" -m trl_chord.cli sft-best-rl \\
         --config math_sft_best_grpo
 
-1. The SFT stage: the run's CHORD trainer at mu = 1 (plain SFT on the expert data: no rollouts, no on-policy forward),
-   with the `sft_*` options below in place of the run's learning rate, steps and scheduler, and uniform token weights
-   (`--sft_token_weighting`). Every `--sft_eval_steps` optimizer steps, at its last step and before its first, the
-   policy answers the held-out prompts (greedily) and the run's reward functions score the answers: `eval_reward`.
-   Each new best is saved as a checkpoint of the SFT stage's folder; the best one (the earliest on ties; the starting
-   model when nothing beats it) is kept.
-2. The RL stage: GRPO or RLOO (`--trainer`), mu = 0, from the kept checkpoint's weights and tokenizer, at the run's
-   own options (learning rate, steps, output folder, ...). With LoRA, the SFT stage's adapter is merged into its base
-   first. It scores the held-out prompts at its start (the kept checkpoint's score again) and at its end.
+The SFT stage (the run's CHORD trainer at mu = 1, with the `sft_*` options) keeps its checkpoint best on the held-out
+reward (`eval_reward`); the RL stage (GRPO or RLOO, mu = 0) starts from it at the run's own options. docs/recipes.md
+says each step.
 """
 
 import gc
@@ -290,6 +284,39 @@ def new_metrics_log(trainer, output_dir: str) -> None:
     trainer.add_callback(JsonLinesLoggerCallback(path))
 
 
+def stage_trainer(
+    trainer_class, model: str, args, script_args, model_args, reward_funcs, train_dataset, expert_dataset=None
+):
+    """A stage's trainer of `model` at the stage's `args`, the model and tokenizer loaded as the run's options say."""
+    return trainer_class(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=args,
+        train_dataset=train_dataset,
+        expert_dataset=expert_dataset,
+        processing_class=load_processing_class(model, model_args, args),
+        peft_config=get_peft_config(model_args),
+        **set_model_loading(script_args, args, model_args),
+    )
+
+
+def train_with_evaluation(trainer, evaluation: HeldOutRewardCallback) -> None:
+    """Trains a stage, `evaluation` scoring it on the held-out prompts, its `metrics.jsonl` started afresh."""
+    trainer.add_callback(evaluation)
+    new_metrics_log(trainer, trainer.args.output_dir)
+    trainer.train()
+
+
+def next_stage_processes() -> PartialState:
+    """The processes after the SFT stage, its memory collected and accelerate's state wiped (not the process group),
+    which holds the SFT stage's DeepSpeed values and refuses a second Accelerator (docs/trl-internals.md)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    AcceleratorState._reset_state()
+    return PartialState()
+
+
 def main(script_args, sft: SftBestArguments, sft_args, rl_args, model_args) -> dict:
     trainer_class = trainer_classes(script_args.trainer)[1]
     train_dataset, expert_dataset, builtin_heldout, reward_funcs = task_data(script_args, rl_args)
@@ -302,34 +329,17 @@ def main(script_args, sft: SftBestArguments, sft_args, rl_args, model_args) -> d
     )
 
     # The SFT stage: mu = 1, its best held-out checkpoint kept
-    sft_trainer = trainer_class(
-        model=model_path,
-        reward_funcs=reward_funcs,
-        args=sft_args,
-        train_dataset=train_dataset,
-        expert_dataset=expert_dataset,
-        processing_class=load_processing_class(model_path, model_args, sft_args),
-        peft_config=get_peft_config(model_args),
-        **set_model_loading(script_args, sft_args, model_args),
+    sft_trainer = stage_trainer(
+        trainer_class, model_path, sft_args, script_args, model_args, reward_funcs, train_dataset, expert_dataset
     )
     selection = HeldOutRewardCallback(
         sft_trainer, heldout, sft.sft_eval_steps, eval_on_start=sft.sft_eval_on_start, **evaluation
     )
-    sft_trainer.add_callback(selection)
-    new_metrics_log(sft_trainer, sft_args.output_dir)
-    sft_trainer.train()
+    train_with_evaluation(sft_trainer, selection)
     best, sft_history = selection.best, selection.history
-    # The SFT stage's model and optimizer are freed before the RL stage loads its model
-    sft_trainer.accelerator.free_memory()
+    sft_trainer.accelerator.free_memory()  # the model and optimizer, freed before the RL stage loads its model
     del sft_trainer, selection
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    # The RL stage's Trainer makes a second Accelerator in this process: accelerate refuses one with a DeepSpeed
-    # plugin while the first's state stands, and that plugin holds the SFT stage's values. The state is wiped (not the
-    # process group, `PartialState`), as transformers' own hyperparameter search does between its runs
-    AcceleratorState._reset_state()
-    processes = PartialState()
+    processes = next_stage_processes()
     start = rl_start_model(best, model_path, os.path.join(sft_args.output_dir, "best-merged"), processes)
     kept = f"step {best['step']} of {sft_args.max_steps}" + (" (the starting model)" if best["step"] == 0 else "")
     if processes.is_main_process:
@@ -339,19 +349,9 @@ def main(script_args, sft: SftBestArguments, sft_args, rl_args, model_args) -> d
         )
 
     # The RL stage: mu = 0, from the kept weights, at the run's own options
-    rl_trainer = trainer_class(
-        model=start,
-        reward_funcs=reward_funcs,
-        args=rl_args,
-        train_dataset=train_dataset,
-        processing_class=load_processing_class(start, model_args, rl_args),
-        peft_config=get_peft_config(model_args),
-        **set_model_loading(script_args, rl_args, model_args),
-    )
+    rl_trainer = stage_trainer(trainer_class, start, rl_args, script_args, model_args, reward_funcs, train_dataset)
     rl_evaluation = HeldOutRewardCallback(rl_trainer, heldout, None, keep_best=False, **evaluation)
-    rl_trainer.add_callback(rl_evaluation)
-    new_metrics_log(rl_trainer, rl_args.output_dir)
-    rl_trainer.train()
+    train_with_evaluation(rl_trainer, rl_evaluation)
     rl_trainer.save_model(rl_args.output_dir)
 
     summary = {
