@@ -402,14 +402,14 @@ class ChordMixin:
     def _log_term_gradient_norms(self) -> None:
         """`chord/expert_grad_norm` and `chord/<on-policy term>_grad_norm` of the micro-step, before the all-reduce and
         clipping, on the scale of the trainer's `grad_norm`, averaged over processes."""
-        squared = self.term_gradient_norms.squared
+        measured = self.term_gradient_norms.norms()
         # alike on every process: mu decides it
-        terms = [term for term in ("expert", self._on_policy_term) if term in squared]
+        terms = [term for term in ("expert", self._on_policy_term) if term in measured]
         if not terms:
             return
         scaler = getattr(self.accelerator, "scaler", None)
         scale = self.current_gradient_accumulation_steps / (scaler.get_scale() if scaler is not None else 1.0)
-        norms = torch.stack([squared[term].sqrt() for term in terms]).to(self.accelerator.device) * scale
+        norms = torch.stack([measured[term] for term in terms]).to(self.accelerator.device) * scale
         norms = self.accelerator.reduce(norms, reduction="mean").tolist()
         for term, norm in zip(terms, norms):
             self._metrics["train"][f"chord/{term}_grad_norm"].append(norm)
