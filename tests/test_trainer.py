@@ -116,6 +116,7 @@ def test_expert_term_strength_metrics_equal_an_oracle(tiny_model_dir, tmp_path, 
         chord_sft_loss_agg_mode=aggregation,
         chord_sft_max_length=48,
         chord_sft_per_device_train_batch_size=4,
+        chord_log_term_grad_norms=True,
         **PLAIN_SGD,
         max_steps=1,
     )
@@ -545,8 +546,12 @@ def _strength_run(model_dir, tmp_path, name, weighting, max_steps, learning_rate
     return trainer
 
 
-def test_term_gradient_norms_are_measured_on_the_logged_steps_only(tiny_model_dir, tmp_path, monkeypatch):
-    # The hooks cost a pass over the gradients per backward: only the micro-steps of logged optimizer steps pay it
+@pytest.mark.parametrize("asked", [True, False], ids=["grad-norms-asked", "grad-norms-default"])
+def test_term_gradient_norms_are_measured_on_the_logged_steps_only_and_if_asked(
+    tiny_model_dir, tmp_path, monkeypatch, asked
+):
+    # The hooks cost a hook call and a pass over the gradients per backward: only the micro-steps of logged optimizer
+    # steps pay it, and only with chord_log_term_grad_norms (off by default)
     from trl_chord.chord_metrics import TermGradientNorms
 
     measured_steps = []
@@ -557,11 +562,17 @@ def test_term_gradient_norms_are_measured_on_the_logged_steps_only(tiny_model_di
         return measuring(self, term)
 
     monkeypatch.setattr(TermGradientNorms, "measuring", counted)
-    args = chord_config(tmp_path, chord_mu_valley=0.5, logging_steps=2, max_steps=4, gradient_accumulation_steps=2)
+    steps = dict(logging_steps=2, max_steps=4, gradient_accumulation_steps=2)
+    args = chord_config(tmp_path, chord_mu_valley=0.5, chord_log_term_grad_norms=asked, **steps)
     trainer = make_trainer(tiny_model_dir, args, make_expert_dataset())
     trainer.train()
-    assert measured_steps == [2, 2, 4, 4]  # two micro-steps each
-    assert len(logged(trainer, "chord/expert_grad_norm")) == len(logged(trainer, "chord/mu")) == 2
+    assert len(logged(trainer, "chord/mu")) == 2
+    if asked:
+        assert measured_steps == [2, 2, 4, 4]  # two micro-steps each
+        assert len(logged(trainer, "chord/expert_grad_norm")) == len(logged(trainer, "chord/grpo_grad_norm")) == 2
+    else:
+        assert measured_steps == []
+        assert not logged(trainer, "chord/expert_grad_norm") and not logged(trainer, "chord/grpo_grad_norm")
 
 
 WEAK_EXPERT_TERM_WARNING = "the CHORD expert term has acted at under a tenth of its mu"

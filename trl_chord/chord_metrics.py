@@ -92,7 +92,8 @@ class TermGradientNorms:
 
     def norms(self) -> dict[str, torch.Tensor]:
         """Each measured term's gradient norm over all the trainable parameters, an fp32 scalar."""
-        return {term: torch.linalg.vector_norm(torch.stack(norms)) for term, norms in self._term_norms.items() if norms}
+        measured = self._term_norms.items()
+        return {term: torch.linalg.vector_norm(torch.stack(norms)) for term, norms in measured if norms}
 
     @contextmanager
     def measuring(self, term: str):
