@@ -546,6 +546,36 @@ def _strength_run(model_dir, tmp_path, name, weighting, max_steps, learning_rate
     return trainer
 
 
+def test_term_gradient_norms_are_each_backwards_own_gradient_over_all_parameters():
+    # Two terms backpropagated into gradients already accumulated from an earlier micro-step (and a frozen parameter):
+    # each norm is that of the term's own gradient, from `torch.autograd.grad`, not of the accumulated `.grad`
+    from trl_chord.chord_metrics import TermGradientNorms
+
+    torch.manual_seed(0)
+    weight, bias, frozen = torch.randn(5, 3, requires_grad=True), torch.randn(5, requires_grad=True), torch.randn(3)
+    inputs = torch.randn(4, 3)
+
+    def term_loss(power):
+        return ((inputs + frozen) @ weight.T + bias).pow(power).sum()
+
+    (term_loss(1) * 3).backward()  # an earlier micro-step's gradient, left in .grad
+    norms = TermGradientNorms([weight, bias, frozen])
+    with norms.measuring("grpo"):
+        with norms.attributed_to("expert"):
+            term_loss(2).backward()
+        term_loss(3).backward()
+    measured = norms.norms()
+
+    def oracle(power):
+        grads = torch.autograd.grad(term_loss(power), [weight, bias])
+        return torch.cat([grad.flatten() for grad in grads]).norm().item()
+
+    assert list(measured) == ["grpo", "expert"]
+    assert measured["expert"].item() == pytest.approx(oracle(2), rel=1e-6)
+    assert measured["grpo"].item() == pytest.approx(oracle(3), rel=1e-6)
+    assert oracle(2) != pytest.approx(oracle(3), rel=0.1)
+
+
 @pytest.mark.parametrize("asked", [True, False], ids=["grad-norms-asked", "grad-norms-default"])
 def test_term_gradient_norms_are_measured_on_the_logged_steps_only_and_if_asked(
     tiny_model_dir, tmp_path, monkeypatch, asked
