@@ -114,7 +114,7 @@ def test_every_chord_config_has_the_same_chord_options():
     # One definition: the same fields, defaults, help and choices, the same documentation and the same checks
     configs = (ChordConfig, ChordRLOOConfig, ChordAsyncGRPOConfig)
     expected = [(spec.name, spec.default, spec.metadata) for spec in dataclasses.fields(ChordOptions)]
-    assert len(expected) == 15
+    assert len(expected) == 16
     for config in configs:
         chord_fields = [spec for spec in dataclasses.fields(config) if spec.name.startswith("chord_")]
         assert [(spec.name, spec.default, spec.metadata) for spec in chord_fields] == expected, config
