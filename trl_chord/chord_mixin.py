@@ -136,8 +136,7 @@ class ChordMixin:
         if args.chord_log_term_grad_norms and not self.backward_expert_term_first:
             logger.warning(
                 "chord_log_term_grad_norms is set, but both terms share one backward here (DeepSpeed, FSDP or an "
-                "optimizer that steps in the backward): their gradients arrive summed, and no term gradient norm is "
-                "logged. The trainer's own `grad_norm` and `chord/effective_mu` are logged as usual."
+                "optimizer that steps in the backward): their gradients arrive summed, so no term's norm is logged."
             )
 
     def _used_expert_dataset(self, expert_dataset, args):
@@ -345,12 +344,8 @@ class ChordMixin:
         # One joint backward (DeepSpeed, FSDP, LOMO): the terms' gradients arrive summed, and cannot be told apart.
         # With mu = 0 there is one term: nothing to compare, and the step stays exactly the trainer's own. The hooks
         # cost a hook call and a pass over the gradients per backward: asked for only, and on logged steps only
-        measured = (
-            self.args.chord_log_term_grad_norms
-            and self.backward_expert_term_first
-            and self.chord_mu != 0
-            and self._step_is_logged()
-        )
+        asked = self.args.chord_log_term_grad_norms and self.backward_expert_term_first
+        measured = asked and self.chord_mu != 0 and self._step_is_logged()
         trainer_backward_term = "expert" if self.on_policy_term_skipped() else self._on_policy_term
         with self.term_gradient_norms.measuring(trainer_backward_term) if measured else nullcontext():
             loss = super().training_step(model, inputs, num_items_in_batch)
