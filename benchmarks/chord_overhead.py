@@ -4,12 +4,15 @@ What the CHORD expert term costs on top of a GRPO micro-step, measured side by s
     HF_HUB_OFFLINE=1 python benchmarks/chord_overhead.py [--quick] [--output-dir DIR] [--threads N]
 
 A CHORD micro-step is one GRPO micro-step plus one expert SFT micro-batch, so its floor is the GRPO step plus a plain
-SFT forward/backward on that expert micro-batch, in time and in memory. Four variants run in one process, one step of
+SFT forward/backward on that expert micro-batch, in time and in memory. Five variants run in one process, one step of
 each per round, in balanced orders, so that the drift of a shared machine hits them all alike:
 
 - grpo:   TRL's `GRPOTrainer.training_step` on one fixed GRPO batch, generated once before any timing;
-- chord:  `ChordTrainer.training_step` on that batch with mu > 0: the GRPO loss plus one expert micro-batch, which
-          the trainer draws itself at the start of the round (`chord_draw`, timed apart and added to chord's time);
+- chord:  `ChordTrainer.training_step` on that batch with mu > 0, on a logged step (`logging_steps=1`, as every
+          shipped config logs): the GRPO loss plus one expert micro-batch, which the trainer draws itself at the start
+          of the round (`chord_draw`, timed apart and added to chord's time);
+- chord_grad_norms: the same trainer's step, on the same expert micro-batch, with `chord_log_term_grad_norms` on:
+          each term's gradient norm measured (`chord/expert_grad_norm`, `chord/grpo_grad_norm`);
 - chord0: `ChordTrainer` with mu = 0 and no expert dataset;
 - sft:    a separate copy of the model, its plain forward (its own cross entropy) and backward on the expert
           micro-batch chord drew in the same round.
@@ -19,8 +22,10 @@ runs, so every variant sees the same weights at every step. Peak memory is that 
 allocated before the step (the profiler's allocation events on CPU, `max_memory_allocated` on CUDA).
 
 It reports medians, IQRs and confidence intervals, the overhead efficiency `E = (T_chord - T_grpo) / T_sft`
-(bar: <= 1.05) and `T_chord0 / T_grpo` (bar: <= 1.01), how extra time and memory scale with the expert micro-batch
-(batch size and length), and the expert term alone through trl_chord's LM head, TRL's fused one and full logits.
+(bar: <= 1.05), the same E with the term gradient norms and what they add to it, `(T_chord_grad_norms - T_chord) /
+T_sft` (no bar: they are off by default), and `T_chord0 / T_grpo` (bar: <= 1.01), how extra time and memory scale
+with the expert micro-batch (batch size and length), and the expert term alone through trl_chord's LM head, TRL's
+fused one and full logits.
 It writes `chord_overhead.json` and `chord_overhead.md` to the output directory and prints the table.
 """
 
@@ -430,7 +435,9 @@ class Experiment:
         self.times = self._run(rounds, clock.measure)
         if self.expert_draw:
             # Drawing the expert micro-batch is part of a CHORD step; chord_draw stays on its own for the report
-            self.times["chord"] = [step + draw for step, draw in zip(self.times["chord"], self.times["chord_draw"])]
+            for name in ("chord", "chord_grad_norms"):
+                if name in self.times:
+                    self.times[name] = [step + draw for step, draw in zip(self.times[name], self.times["chord_draw"])]
 
     def measure_memory(self, peak_memory: PeakMemory, rounds: int) -> None:
         self.memory = self._run(rounds, peak_memory.measure)
@@ -439,15 +446,26 @@ class Experiment:
         return {name: statistics.median(samples) for name, samples in self.memory.items()}
 
 
-def trainer_variant(name: str, trainer: GRPOTrainer, grpo_batch: dict) -> Variant:
-    return Variant(name, trainer.model, lambda: trainer.training_step(trainer.model, grpo_batch, None))
+def trainer_variant(name: str, trainer: GRPOTrainer, grpo_batch: dict, term_grad_norms: bool | None = None) -> Variant:
+    """`trainer.training_step` on `grpo_batch`, the first optimizer step of a run with `logging_steps=1` (what
+    `train()` sets in the trainer's state); a CHORD trainer's `chord_log_term_grad_norms` set to `term_grad_norms`."""
+
+    def step():
+        trainer.state.logging_steps = 1
+        if term_grad_norms is not None:
+            trainer.args.chord_log_term_grad_norms = term_grad_norms
+        trainer.training_step(trainer.model, grpo_batch, None)
+
+    return Variant(name, trainer.model, step)
 
 
 def chord_experiment(grpo, chord, grpo_batch, sft_model, chord0=None) -> Experiment:
-    """grpo, chord (and chord0), and sft on the expert micro-batch chord draws in the same round."""
+    """grpo, chord (with chord0: chord_grad_norms and chord0 too), and sft on the expert micro-batch chord draws in the
+    same round."""
     expert_draw = ExpertDraw(chord)
-    variants = [trainer_variant("grpo", grpo, grpo_batch), trainer_variant("chord", chord, grpo_batch)]
+    variants = [trainer_variant("grpo", grpo, grpo_batch), trainer_variant("chord", chord, grpo_batch, False)]
     if chord0 is not None:
+        variants.append(trainer_variant("chord_grad_norms", chord, grpo_batch, True))
         variants.append(trainer_variant("chord0", chord0, grpo_batch))
     variants.append(Variant("sft", sft_model, lambda: sft_step(sft_model, expert_draw.batch)))
     return Experiment(variants, expert_draw)
@@ -482,6 +500,8 @@ def side_by_side_summary(experiment: Experiment) -> dict:
     times, peaks = experiment.times, experiment.peaks()
     rounds = range(len(times["grpo"]))
     efficiency = [(times["chord"][r] - times["grpo"][r]) / times["sft"][r] for r in rounds]
+    grad_norms_efficiency = [(times["chord_grad_norms"][r] - times["grpo"][r]) / times["sft"][r] for r in rounds]
+    grad_norms_cost = [(times["chord_grad_norms"][r] - times["chord"][r]) / times["sft"][r] for r in rounds]
     chord0_ratio = [times["chord0"][r] / times["grpo"][r] for r in rounds]
     return {
         "time_s": {name: summary(samples) for name, samples in times.items()},
@@ -489,6 +509,8 @@ def side_by_side_summary(experiment: Experiment) -> dict:
         "peak_memory_bytes": {name: summary(samples) for name, samples in experiment.memory.items()},
         "expert_tokens_per_step": summary(experiment.expert_draw.tokens),
         "efficiency_E": summary(efficiency),
+        "efficiency_E_grad_norms": summary(grad_norms_efficiency),
+        "grad_norms_cost_over_sft": summary(grad_norms_cost),
         "chord0_over_grpo": summary(chord0_ratio),
         "memory_overhead_over_sft": (peaks["chord"] - peaks["grpo"]) / peaks["sft"],
         "stretch_chord_memory_over_max_grpo_sft": peaks["chord"] / max(peaks["grpo"], peaks["sft"]),
@@ -606,12 +628,13 @@ def markdown_report(result: dict) -> str:
         "| variant | step time (ms) | step peak memory (MiB) |",
         "| --- | --- | --- |",
     ]
-    for name in ("grpo", "chord", "chord_draw", "chord0", "sft"):
+    for name in ("grpo", "chord", "chord_grad_norms", "chord_draw", "chord0", "sft"):
         lines.append(
             f"| {name} | {spread(main['time_s'][name], milliseconds)} | "
             f"{spread(main['peak_memory_bytes'][name], mebibytes)} |"
         )
     efficiency, chord0 = main["efficiency_E"], main["chord0_over_grpo"]
+    grad_norms_efficiency, grad_norms_cost = main["efficiency_E_grad_norms"], main["grad_norms_cost_over_sft"]
     lines += [
         "",
         "| measure | median [q1, q3] | 95% CI of the median | bar | verdict |",
@@ -619,6 +642,10 @@ def markdown_report(result: dict) -> str:
         f"| E = (T_chord - T_grpo) / T_sft, per round | {spread(efficiency, ratio)} | "
         f"{ratio(efficiency['ci95'][0])} - {ratio(efficiency['ci95'][1])} | <= {E_BAR} | "
         f"{verdict(passed['efficiency_E'])} |",
+        f"| E with chord_log_term_grad_norms, per round | {spread(grad_norms_efficiency, ratio)} | "
+        f"{ratio(grad_norms_efficiency['ci95'][0])} - {ratio(grad_norms_efficiency['ci95'][1])} | | |",
+        f"| their cost: (T_chord_grad_norms - T_chord) / T_sft, per round | {spread(grad_norms_cost, ratio)} | "
+        f"{ratio(grad_norms_cost['ci95'][0])} - {ratio(grad_norms_cost['ci95'][1])} | (off by default) | |",
         f"| T_chord0 / T_grpo, per round | {spread(chord0, ratio)} | "
         f"{ratio(chord0['ci95'][0])} - {ratio(chord0['ci95'][1])} | <= {CHORD0_BAR} | "
         f"{verdict(passed['chord0_over_grpo'])} |",
@@ -705,7 +732,7 @@ def run(sizes: Sizes, scratch_dir: str, log: Callable[[str], None]) -> dict:
 
     clock = StepClock(device)
     external_load = ExternalLoad()
-    log(f"timing grpo, chord, chord0, sft side by side: {sizes.timed_rounds} rounds")
+    log(f"timing grpo, chord, chord_grad_norms, chord0, sft side by side: {sizes.timed_rounds} rounds")
     main.time(clock, sizes.timed_rounds, sizes.warmup_rounds)
     for case, experiment in zip(cases, scaling):
         log(f"timing the scaling point {case[0]} x {case[1]} expert tokens: {sizes.scaling_rounds} rounds")
@@ -720,6 +747,8 @@ def run(sizes: Sizes, scratch_dir: str, log: Callable[[str], None]) -> dict:
         experiment.measure_memory(peak_memory, sizes.memory_rounds)
 
     side_by_side = side_by_side_summary(main)
+    # chord_grad_norms's steps, and only they, measured the term gradient norms (one of each per step)
+    side_by_side["term_grad_norms_logged"] = len(chord._metrics["train"]["chord/expert_grad_norm"])
     points = [scaling_point(case, sweeps, experiment) for (case, sweeps), experiment in zip(cases.items(), scaling)]
     return {
         "machine": machine_description(device),

@@ -66,6 +66,7 @@ def test_a_short_run_trains(tiny_model_dir, tmp_path):
     # mu = 0.5 with plain SFT weights for 6 steps: the expert NLL falls, both terms act, and the worker ends up
     # generating with the trained weights
     options = dict(chord_mu_peak=0.5, chord_mu_valley=0.5, chord_token_weighting="uniform")
+    options["chord_log_term_grad_norms"] = True
     trainer = chord_trainer(
         tiny_model_dir, tmp_path, make_expert_dataset(4), **options, max_steps=6, learning_rate=1e-2
     )
@@ -113,7 +114,7 @@ def test_every_chord_config_has_the_same_chord_options():
     # One definition: the same fields, defaults, help and choices, the same documentation and the same checks
     configs = (ChordConfig, ChordRLOOConfig, ChordAsyncGRPOConfig)
     expected = [(spec.name, spec.default, spec.metadata) for spec in dataclasses.fields(ChordOptions)]
-    assert len(expected) == 15
+    assert len(expected) == 16
     for config in configs:
         chord_fields = [spec for spec in dataclasses.fields(config) if spec.name.startswith("chord_")]
         assert [(spec.name, spec.default, spec.metadata) for spec in chord_fields] == expected, config

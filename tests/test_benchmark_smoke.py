@@ -11,7 +11,7 @@ from bounded_run import run_bounded
 
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "chord_overhead.py"
-SIDE_BY_SIDE_VARIANTS = ("grpo", "chord", "chord0", "sft")
+SIDE_BY_SIDE_VARIANTS = ("grpo", "chord", "chord_grad_norms", "chord0", "sft")
 # A subprocess of about half a minute: CI runs it, `-m "not slow"` leaves it out
 pytestmark = pytest.mark.slow
 
@@ -59,8 +59,11 @@ def test_side_by_side_has_every_variant_and_finite_ratios(quick_run):
         assert len(main["time_samples_s"][name]) == result["sizes"]["timed_rounds"]
         assert_sane_memory(main["peak_memory_bytes"][name]["median"])
         assert f"| {name} |" in report
-    for ratio in ("efficiency_E", "chord0_over_grpo"):
+    for ratio in ("efficiency_E", "efficiency_E_grad_norms", "grad_norms_cost_over_sft", "chord0_over_grpo"):
         assert all(math.isfinite(main[ratio][key]) for key in ("median", "q1", "q3"))
+    # Every chord_grad_norms step (warm-up, timed, memory) measured the term gradient norms, and no chord step did
+    sizes = result["sizes"]
+    assert main["term_grad_norms_logged"] == sizes["warmup_rounds"] + sizes["timed_rounds"] + sizes["memory_rounds"]
     assert main["chord0_over_grpo"]["median"] > 0
     for ratio in ("memory_overhead_over_sft", "stretch_chord_memory_over_max_grpo_sft"):
         assert math.isfinite(main[ratio])

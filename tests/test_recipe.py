@@ -37,6 +37,8 @@ def test_builtin_demo_runs_and_reports(tmp_path):
         "3",
         "--chord_mu_decay_steps",
         "4",
+        "--chord_log_term_grad_norms",
+        "true",
     ]
     completed = run_bounded(command, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert completed.returncode == 0, completed.stderr[-5000:]

@@ -116,6 +116,7 @@ def test_expert_term_strength_metrics_equal_an_oracle(tiny_model_dir, tmp_path, 
         chord_sft_loss_agg_mode=aggregation,
         chord_sft_max_length=48,
         chord_sft_per_device_train_batch_size=4,
+        chord_log_term_grad_norms=True,
         **PLAIN_SGD,
         max_steps=1,
     )
@@ -545,8 +546,42 @@ def _strength_run(model_dir, tmp_path, name, weighting, max_steps, learning_rate
     return trainer
 
 
-def test_term_gradient_norms_are_measured_on_the_logged_steps_only(tiny_model_dir, tmp_path, monkeypatch):
-    # The hooks cost a pass over the gradients per backward: only the micro-steps of logged optimizer steps pay it
+def test_term_gradient_norms_are_each_backwards_own_gradient_over_all_parameters():
+    # Two terms backpropagated into gradients already accumulated from an earlier micro-step (and a frozen parameter):
+    # each norm is that of the term's own gradient, from `torch.autograd.grad`, not of the accumulated `.grad`
+    from trl_chord.chord_metrics import TermGradientNorms
+
+    torch.manual_seed(0)
+    weight, bias, frozen = torch.randn(5, 3, requires_grad=True), torch.randn(5, requires_grad=True), torch.randn(3)
+    inputs = torch.randn(4, 3)
+
+    def term_loss(power):
+        return ((inputs + frozen) @ weight.T + bias).pow(power).sum()
+
+    (term_loss(1) * 3).backward()  # an earlier micro-step's gradient, left in .grad
+    norms = TermGradientNorms([weight, bias, frozen])
+    with norms.measuring("grpo"):
+        with norms.attributed_to("expert"):
+            term_loss(2).backward()
+        term_loss(3).backward()
+    measured = norms.norms()
+
+    def oracle(power):
+        grads = torch.autograd.grad(term_loss(power), [weight, bias])
+        return torch.cat([grad.flatten() for grad in grads]).norm().item()
+
+    assert list(measured) == ["grpo", "expert"]
+    assert measured["expert"].item() == pytest.approx(oracle(2), rel=1e-6)
+    assert measured["grpo"].item() == pytest.approx(oracle(3), rel=1e-6)
+    assert oracle(2) != pytest.approx(oracle(3), rel=0.1)
+
+
+@pytest.mark.parametrize("asked", [True, False], ids=["grad-norms-asked", "grad-norms-default"])
+def test_term_gradient_norms_are_measured_on_the_logged_steps_only_and_if_asked(
+    tiny_model_dir, tmp_path, monkeypatch, asked
+):
+    # The hooks cost a hook call and a pass over the gradients per backward: only the micro-steps of logged optimizer
+    # steps pay it, and only with chord_log_term_grad_norms (off by default)
     from trl_chord.chord_metrics import TermGradientNorms
 
     measured_steps = []
@@ -557,11 +592,17 @@ def test_term_gradient_norms_are_measured_on_the_logged_steps_only(tiny_model_di
         return measuring(self, term)
 
     monkeypatch.setattr(TermGradientNorms, "measuring", counted)
-    args = chord_config(tmp_path, chord_mu_valley=0.5, logging_steps=2, max_steps=4, gradient_accumulation_steps=2)
+    steps = dict(logging_steps=2, max_steps=4, gradient_accumulation_steps=2)
+    args = chord_config(tmp_path, chord_mu_valley=0.5, chord_log_term_grad_norms=asked, **steps)
     trainer = make_trainer(tiny_model_dir, args, make_expert_dataset())
     trainer.train()
-    assert measured_steps == [2, 2, 4, 4]  # two micro-steps each
-    assert len(logged(trainer, "chord/expert_grad_norm")) == len(logged(trainer, "chord/mu")) == 2
+    assert len(logged(trainer, "chord/mu")) == 2
+    if asked:
+        assert measured_steps == [2, 2, 4, 4]  # two micro-steps each
+        assert len(logged(trainer, "chord/expert_grad_norm")) == len(logged(trainer, "chord/grpo_grad_norm")) == 2
+    else:
+        assert measured_steps == []
+        assert not logged(trainer, "chord/expert_grad_norm") and not logged(trainer, "chord/grpo_grad_norm")
 
 
 WEAK_EXPERT_TERM_WARNING = "the CHORD expert term has acted at under a tenth of its mu"

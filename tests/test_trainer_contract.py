@@ -138,6 +138,7 @@ def test_mixed_update_is_the_weighted_sum_of_the_trl_trainers_and_the_expert_ter
     baseline_update = trained_update(baseline)
 
     options = dict(chord_token_weighting="phi", chord_sft_per_device_train_batch_size=2, chord_sft_max_length=48)
+    options["chord_log_term_grad_norms"] = True
     trainer = kind.chord(tiny_model_dir, tmp_path, expert, chord_mu_peak=mu, chord_mu_valley=mu, **options, **steps)
     assert trainer.backward_expert_term_first  # the default on one process
     trainer.backward_expert_term_first = backward_first

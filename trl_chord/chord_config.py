@@ -79,6 +79,13 @@ CHORD_OPTIONS_DOC = """
             or caps them as TRL knows how, else the model's own full logits); logged once, the same on every process.
             `"chunked"`, `"trl_fused"`: that head, refused with an error where the probe finds it inexact.
             `"full_logits"`: the model's own logits (exact by construction, costlier in memory; no probe).
+        chord_log_term_grad_norms (`bool`, *optional*, defaults to `False`):
+            Log `chord/expert_grad_norm` and `chord/<on-policy term>_grad_norm`, the norms of `mu * grad(L_SFT)` and
+            `(1 - mu) * grad(L_on_policy)` of the micro-steps of each logged step, where the two terms have their own
+            backwards (one device, DDP; not DeepSpeed, FSDP or LOMO). They cost a hook and a norm per trainable
+            parameter per backward of those micro-steps, a few percent of a plain SFT step at `logging_steps=1` on
+            the CPU benchmark's model (docs/performance.md gives the measured figure), more on smaller models. Off,
+            nothing is hooked.
 """
 
 
@@ -224,6 +231,16 @@ class ChordOptions:
             "help": "LM head of the expert term: auto (the cheapest exact one, found by probing the model), chunked, "
             "trl_fused (refused where inexact) or full_logits (the model's own logits, always exact).",
             "choices": list(EXPERT_HEADS),
+        },
+    )
+
+    chord_log_term_grad_norms: bool = field(
+        default=False,
+        metadata={
+            "help": "Log chord/expert_grad_norm and chord/<on-policy term>_grad_norm (each term's gradient norm) on "
+            "logged steps, one device and DDP only. Costs a hook and a norm per trainable parameter per backward of "
+            "a logged step's micro-steps: a few percent of a plain SFT step at logging_steps=1 on the CPU "
+            "benchmark's model (docs/performance.md), more on smaller models."
         },
     )
 

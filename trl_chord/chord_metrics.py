@@ -72,34 +72,44 @@ def expert_source_metrics(names: list[str], totals: dict[str, float]) -> dict[st
 
 class TermGradientNorms:
     """
-    The squared norm of the gradient each term sends to the trainable parameters in one micro-step, summed by a hook on
-    each parameter while [`measuring`]: a backward counts for the term `measuring` names, or the one [`attributed_to`]
+    The norm of the gradient each term sends to the trainable parameters in one micro-step, from a hook on each
+    parameter while [`measuring`]: a backward counts for the term `measuring` names, or the one [`attributed_to`]
     names around it. A hook sees the gradient before it reaches `.grad` (and, under DDP, the all-reduce).
+
+    Each hook launches one kernel, the norm of its gradient, and keeps only that scalar: the gradient itself is freed
+    (or taken as `.grad`) as without the hook, so the measuring holds no gradient memory. [`norms`] combines each
+    term's scalars once, at the end.
     """
 
     def __init__(self, parameters):
         self.parameters = [param for param in parameters if param.requires_grad]
-        self.term = None
-        self.squared: dict[str, torch.Tensor] = {}
+        self._term_norms: dict[str, list[torch.Tensor]] = {}
+        self._current: list[torch.Tensor] = []  # the list of the term a backward counts for
 
     def _add(self, grad: torch.Tensor) -> None:
-        squared = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).square()
-        self.squared[self.term] = self.squared[self.term] + squared if self.term in self.squared else squared
+        # No `detach`: the trainer's backward builds no graph of its gradients (no `create_graph`)
+        self._current.append(torch.linalg.vector_norm(grad, dtype=torch.float32))
+
+    def norms(self) -> dict[str, torch.Tensor]:
+        """Each measured term's gradient norm over all the trainable parameters, an fp32 scalar."""
+        measured = self._term_norms.items()
+        return {term: torch.linalg.vector_norm(torch.stack(norms)) for term, norms in measured if norms}
 
     @contextmanager
     def measuring(self, term: str):
-        self.term, self.squared = term, {}
+        self._term_norms = {}
         handles = [param.register_hook(self._add) for param in self.parameters]
         try:
-            yield
+            with self.attributed_to(term):
+                yield
         finally:
             for handle in handles:
                 handle.remove()
 
     @contextmanager
     def attributed_to(self, term: str):
-        outer, self.term = self.term, term
+        outer, self._current = self._current, self._term_norms.setdefault(term, [])
         try:
             yield
         finally:
-            self.term = outer
+            self._current = outer

@@ -133,6 +133,11 @@ class ChordMixin:
             )
         self.backward_expert_term_first = expert_backward_runs_first(self.accelerator.distributed_type, args.optim)
         self.term_gradient_norms = TermGradientNorms(self.model.parameters())
+        if args.chord_log_term_grad_norms and not self.backward_expert_term_first:
+            logger.warning(
+                "chord_log_term_grad_norms is set, but both terms share one backward here (DeepSpeed, FSDP or an "
+                "optimizer that steps in the backward): their gradients arrive summed, so no term's norm is logged."
+            )
 
     def _used_expert_dataset(self, expert_dataset, args):
         """`expert_dataset`, checked against the schedule: required where mu is ever > 0, dropped with a warning where
@@ -328,7 +333,7 @@ class ChordMixin:
         """
         The trainer's step: its `_prepare_inputs` (the rollouts), `compute_loss`, and one backward of the loss it
         returns, the on-policy term's (both terms' in a joint backward; the expert term's where `mu == 1` skips the
-        on-policy term); with each term's gradient norm measured on logged steps.
+        on-policy term); with each term's gradient norm measured on logged steps (`chord_log_term_grad_norms`).
 
         The expert term's own backward, where it has one (`backward_expert_term_first`: one device, DDP), runs in
         [`_expert_term`], from `compute_loss`. It must come after `_prepare_inputs` (so that generation draws the
@@ -338,8 +343,9 @@ class ChordMixin:
         """
         # One joint backward (DeepSpeed, FSDP, LOMO): the terms' gradients arrive summed, and cannot be told apart.
         # With mu = 0 there is one term: nothing to compare, and the step stays exactly the trainer's own. The hooks
-        # cost a pass over the gradients per backward, so they run on the steps that are logged only
-        measured = self.backward_expert_term_first and self.chord_mu != 0 and self._step_is_logged()
+        # cost a hook call and a pass over the gradients per backward: asked for only, and on logged steps only
+        asked = self.args.chord_log_term_grad_norms and self.backward_expert_term_first
+        measured = asked and self.chord_mu != 0 and self._step_is_logged()
         trainer_backward_term = "expert" if self.on_policy_term_skipped() else self._on_policy_term
         with self.term_gradient_norms.measuring(trainer_backward_term) if measured else nullcontext():
             loss = super().training_step(model, inputs, num_items_in_batch)
@@ -402,14 +408,14 @@ class ChordMixin:
     def _log_term_gradient_norms(self) -> None:
         """`chord/expert_grad_norm` and `chord/<on-policy term>_grad_norm` of the micro-step, before the all-reduce and
         clipping, on the scale of the trainer's `grad_norm`, averaged over processes."""
-        squared = self.term_gradient_norms.squared
+        measured = self.term_gradient_norms.norms()
         # alike on every process: mu decides it
-        terms = [term for term in ("expert", self._on_policy_term) if term in squared]
+        terms = [term for term in ("expert", self._on_policy_term) if term in measured]
         if not terms:
             return
         scaler = getattr(self.accelerator, "scaler", None)
         scale = self.current_gradient_accumulation_steps / (scaler.get_scale() if scaler is not None else 1.0)
-        norms = torch.stack([squared[term].sqrt() for term in terms]).to(self.accelerator.device) * scale
+        norms = torch.stack([measured[term] for term in terms]).to(self.accelerator.device) * scale
         norms = self.accelerator.reduce(norms, reduction="mean").tolist()
         for term, norm in zip(terms, norms):
             self._metrics["train"][f"chord/{term}_grad_norm"].append(norm)

@@ -514,6 +514,7 @@ def train_phase(
         beta=0.0,
         logging_steps=scale.eval_every,
         chord_sft_per_device_train_batch_size=scale.expert_batch_size,
+        chord_log_term_grad_norms=True,  # the log keeps each term's gradient norm (every eval_every steps)
         **COMMON_ARGS,
         **chord,
         save_only_model=keep_checkpoints,  # the SFT-best checkpoints: weights only
