@@ -14,7 +14,8 @@ import torch
 from helpers import (
     COMMON_ARGS,
     async_grpo_unavailable,
-    completion_logits,
+    held_out_oracle,
+    held_out_sources,
     logged,
     make_expert_dataset,
     make_expert_dataset_of_lengths,
@@ -24,14 +25,10 @@ from helpers import (
 )
 from luffy_oracle import luffy_prompts
 from trainer_kinds import AsyncGRPOKind, GRPOKind, RLOOKind
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from trl_chord import ChordLuffyConfig, ChordLuffyTrainer
 from trl_chord.expert_eval import evaluation_batches, preserved_random_state
-
-
-def held_out_sources():
-    return {"short": make_expert_dataset(5), "long": make_expert_dataset_of_lengths([3, 7, 1])}
 
 
 @pytest.fixture(scope="module")
@@ -42,34 +39,6 @@ def dropout_model_dir(tiny_model_dir, tmp_path_factory):
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.5}))
     return str(path)
-
-
-def held_out_oracle(model_dir, sources, mu: float) -> dict[str, float]:
-    """The metrics from the model's logits, one sequence at a time, written out: the token means over every held-out
-    row, and (one micro-batch, token mean) the effective mu, mu times the mean CHORD-phi weight."""
-    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
-    log_probs = {}
-    with torch.no_grad():
-        for name, dataset in sources.items():
-            per_row = []
-            for example in dataset:
-                logits, targets = completion_logits(model, tokenizer, example)
-                per_row.append(logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1))
-            log_probs[name] = torch.cat(per_row).double()
-    every = torch.cat(list(log_probs.values()))
-    probs = every.exp()
-    oracle = {
-        "eval_chord/expert_nll": -every.mean().item(),
-        "eval_chord/expert_token_prob": probs.mean().item(),
-        "eval_chord/expert_tokens": float(every.numel()),
-        "eval_chord/expert_prob_below_0.1": (probs < 0.1).double().mean().item(),
-        "eval_chord/expert_prob_above_0.9": (probs > 0.9).double().mean().item(),
-        "eval_chord/effective_mu": mu * (probs * (1 - probs)).mean().item(),
-    }
-    for name, source_log_probs in log_probs.items():
-        oracle[f"eval_chord/expert_nll/{name}"] = -source_log_probs.mean().item()
-        oracle[f"eval_chord/expert_tokens/{name}"] = float(source_log_probs.numel())
-    return oracle
 
 
 class LuffyKind(GRPOKind):

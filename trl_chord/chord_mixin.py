@@ -6,6 +6,7 @@ from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
+from torch.utils.data import DataLoader
 from accelerate.utils import DistributedType, is_peft_model
 from datasets import DatasetDict, IterableDatasetDict, concatenate_datasets
 from transformers import ProcessorMixin
@@ -29,7 +30,12 @@ from .expert_data import (
     prepare_expert_dataset,
     prepare_expert_sources,
 )
-from .expert_eval import eval_strategy_without_eval_dataset, held_out_expert_metrics, prepare_held_out_experts
+from .expert_eval import (
+    eval_strategy_without_eval_dataset,
+    held_out_expert_metrics,
+    preserved_random_state,
+    prepare_held_out_experts,
+)
 from .expert_head.choice import LMHeadProbe
 from .expert_head.forward import add_expert_loss_head, expert_loss
 from .expert_sampler import ExpertMixtureSampler, ExpertSampler
@@ -471,15 +477,21 @@ class ChordMixin:
         if self.held_out_experts is None or eval_dataset is not None or self.eval_dataset is not None:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         self._memory_tracker.start()
-        self.model.eval()  # as the Trainer's evaluation leaves it: the trainer's `log` names the metrics by the mode
-        metrics = held_out_expert_metrics(self, self.held_out_experts, metric_key_prefix)
+        # The Trainer's loop over no RL prompt: it prepares a model not yet trained (DeepSpeed, FSDP) and leaves it in
+        # eval mode, which the trainer's `log` reads; [`evaluation_loop`] adds the held-out metrics. (Iterating a
+        # DataLoader draws a seed from torch's generator: put back, so that training draws what it would have.)
+        with preserved_random_state(self.accelerator.device):
+            output = self.evaluation_loop(DataLoader([]), "Evaluation", True, metric_key_prefix=metric_key_prefix)
+        metrics = output.metrics
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         self._memory_tracker.stop_and_update_metrics(metrics)
         return metrics
 
-    def evaluation_loop(self, dataloader, description, *args, metric_key_prefix: str = "eval", **kwargs):
-        output = super().evaluation_loop(dataloader, description, *args, metric_key_prefix=metric_key_prefix, **kwargs)
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix: str = "eval"
+    ):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         if self.held_out_experts is not None:
             output.metrics.update(held_out_expert_metrics(self, self.held_out_experts, metric_key_prefix))
         return output
