@@ -180,10 +180,13 @@ def held_out_sources() -> dict[str, Dataset]:
     return {"short": make_expert_dataset(2), "long": make_expert_dataset_of_lengths([3, 7, 1])}
 
 
-def held_out_oracle(model_dir, sources, mu: float) -> dict[str, float]:
-    """The metrics from the model's logits, one sequence at a time, written out: the token means over every held-out
-    row, and (one micro-batch, token mean) the effective mu, mu times the mean CHORD-phi weight."""
+def held_out_oracle(model_dir, sources, mu: float, state_dict=None) -> dict[str, float]:
+    """The metrics from the model's logits (with `state_dict`'s weights, if given), one sequence at a time, written
+    out: the token means over every held-out row, and (one micro-batch, token mean) the effective mu, mu times the mean
+    CHORD-phi weight."""
     model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
     log_probs = {}
     with torch.no_grad():
         for name, dataset in sources.items():

@@ -79,8 +79,9 @@ def main():
     parser.add_argument("--joint-backward", action="store_true", help="one backward through both terms")
     parser.add_argument("--trainer", choices=["async_grpo", "grpo", "rloo"], default="grpo", help="on-policy trainer")
     parser.add_argument("--plain", action="store_true", help="TRL's own trainer, without CHORD (no chord_* options)")
-    parser.add_argument("--held-out", action="store_true", help="helpers.held_out_sources as eval_expert_dataset, "
-                        "evaluated before training and after every step")
+    parser.add_argument(
+        "--held-out", action="store_true", help="helpers.held_out_sources as eval_expert_dataset, evaluated every step"
+    )
     args = parser.parse_args()
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -166,7 +167,6 @@ def main():
     if args.trainer != "async_grpo":  # (AsyncGRPOTrainer's rollouts come from its worker)
         generate = trainer._generate_and_score_completions
         trainer._generate_and_score_completions = lambda inputs: generations.append(trainer._step) or generate(inputs)
-    held_out_before = trainer.evaluate() if args.held_out else None
     trainer.train()
 
     state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
@@ -195,8 +195,7 @@ def main():
         "generations": generations,
         "weights_sha256": digest,
         "backward_expert_term_first": None if args.plain else trainer.backward_expert_term_first,
-        "held_out_before": held_out_before,
-        "held_out_nll": [entry["eval_chord/expert_nll"] for entry in trainer.state.log_history if "eval_chord/expert_nll" in entry],
+        "held_out": [entry for entry in trainer.state.log_history if "eval_chord/expert_nll" in entry],
     }
     with open(os.path.join(args.output, f"rank{rank}.json"), "w") as file:
         json.dump(result, file)
