@@ -176,7 +176,7 @@ def expert_nll_gradient(
 
 
 def held_out_sources() -> dict[str, Dataset]:
-    """Two named held-out expert sources, 5 rows: on 2 processes 2 per micro-batch, one process runs an uncounted one."""
+    """Two named held-out expert sources, 5 rows: on 2 processes, 2 per micro-batch, one runs an uncounted forward."""
     return {"short": make_expert_dataset(2), "long": make_expert_dataset_of_lengths([3, 7, 1])}
 
 

@@ -6,7 +6,6 @@ from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
-from torch.utils.data import DataLoader
 from accelerate.utils import DistributedType, is_peft_model
 from datasets import DatasetDict, IterableDatasetDict, concatenate_datasets
 from transformers import ProcessorMixin
@@ -32,8 +31,8 @@ from .expert_data import (
 )
 from .expert_eval import (
     eval_strategy_without_eval_dataset,
+    evaluate_held_out_experts_alone,
     held_out_expert_metrics,
-    preserved_random_state,
     prepare_held_out_experts,
 )
 from .expert_head.choice import LMHeadProbe
@@ -136,12 +135,7 @@ class ChordMixin:
         self._logged_on_policy_skip = False
         self._chord_micro_steps = 0
         self._prepare_expert_data(expert_dataset, args)
-        self.held_out_experts = None
-        if eval_expert_dataset is not None:
-            with self.accelerator.main_process_first():
-                self.held_out_experts = prepare_held_out_experts(
-                    eval_expert_dataset, self.processing_class, args.chord_sft_max_length, self._image_token_id()
-                )
+        self.held_out_experts = prepare_held_out_experts(self, eval_expert_dataset)
         # The head also serves the held-out evaluation alone (the expert NLL of a plain GRPO run)
         if self.expert_dataset is not None or self.held_out_experts is not None:
             add_expert_loss_head(
@@ -476,17 +470,7 @@ class ChordMixin:
         `eval_expert_dataset`; these alone where there is no `eval_dataset`."""
         if self.held_out_experts is None or eval_dataset is not None or self.eval_dataset is not None:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        self._memory_tracker.start()
-        # The Trainer's loop over no RL prompt: it prepares a model not yet trained (DeepSpeed, FSDP) and leaves it in
-        # eval mode, which the trainer's `log` reads; [`evaluation_loop`] adds the held-out metrics. (Iterating a
-        # DataLoader draws a seed from torch's generator: put back, so that training draws what it would have.)
-        with preserved_random_state(self.accelerator.device):
-            output = self.evaluation_loop(DataLoader([]), "Evaluation", True, metric_key_prefix=metric_key_prefix)
-        metrics = output.metrics
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        self._memory_tracker.stop_and_update_metrics(metrics)
-        return metrics
+        return evaluate_held_out_experts_alone(self, metric_key_prefix)
 
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix: str = "eval"

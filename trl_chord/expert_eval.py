@@ -13,6 +13,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from datasets import Dataset, concatenate_datasets
+from torch.utils.data import DataLoader
 from transformers.trainer_utils import IntervalStrategy
 
 from .chord_metrics import EXPERT_METRIC_SUMS, expert_source_metrics, expert_term_metrics, expert_term_sums
@@ -118,11 +119,16 @@ def held_out_metrics(
     return {f"{metric_key_prefix}_{name}": value for name, value in metrics.items()}
 
 
-def prepare_held_out_experts(expert_dataset, processing_class, max_length: int, image_token_id=None) -> HeldOutExperts:
-    """The `eval_expert_dataset` (one dataset, or a dict of named sources) tokenized as the training experts are."""
-    if not isinstance(expert_dataset, dict):
-        return HeldOutExperts(prepare_expert_dataset(expert_dataset, processing_class, max_length, None, image_token_id))
-    sources = prepare_expert_sources(expert_dataset, processing_class, max_length, image_token_id)
+def prepare_held_out_experts(trainer, expert_dataset) -> HeldOutExperts | None:
+    """The `eval_expert_dataset` (one dataset, or a dict of named sources) tokenized as `trainer` tokenizes its
+    training experts; `None` for none."""
+    if expert_dataset is None:
+        return None
+    tokenized = dict(max_length=trainer.args.chord_sft_max_length, image_token_id=trainer._image_token_id())
+    with trainer.accelerator.main_process_first():
+        if not isinstance(expert_dataset, dict):
+            return HeldOutExperts(prepare_expert_dataset(expert_dataset, trainer.processing_class, **tokenized))
+        sources = prepare_expert_sources(expert_dataset, trainer.processing_class, **tokenized)
     offsets = np.cumsum([0] + [len(source) for source in sources.values()])[:-1].tolist()
     return HeldOutExperts(concatenate_datasets(list(sources.values())), list(sources), offsets)
 
@@ -168,3 +174,19 @@ def held_out_expert_metrics(trainer, held_out: HeldOutExperts, metric_key_prefix
     reduced = accelerator.reduce(torch.stack(list(sums.values())).to(accelerator.device), reduction="sum")
     totals = dict(zip(sums, reduced.tolist()))
     return held_out_metrics(totals, trainer.chord_mu, held_out.source_names, metric_key_prefix)
+
+
+def evaluate_held_out_experts_alone(trainer, metric_key_prefix: str) -> dict[str, float]:
+    """[`~transformers.Trainer.evaluate`] of a trainer with held-out experts and no `eval_dataset`: the Trainer's
+    evaluation loop over no RL prompt, to which the trainer's `evaluation_loop` adds the held-out metrics, logged and
+    handed to the callbacks as the Trainer's own evaluation does."""
+    trainer._memory_tracker.start()
+    # The loop prepares a model not yet trained (DeepSpeed, FSDP) and leaves it in eval mode, which the trainer's `log`
+    # reads. Iterating a DataLoader draws a seed from torch's generator: put back, so training draws what it would have
+    with preserved_random_state(trainer.accelerator.device):
+        output = trainer.evaluation_loop(DataLoader([]), "Evaluation", True, metric_key_prefix=metric_key_prefix)
+    metrics = output.metrics
+    trainer.log(metrics)
+    trainer.control = trainer.callback_handler.on_evaluate(trainer.args, trainer.state, trainer.control, metrics)
+    trainer._memory_tracker.stop_and_update_metrics(metrics)
+    return metrics

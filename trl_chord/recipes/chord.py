@@ -342,7 +342,9 @@ def main(script_args: ChordScriptArguments, training_args: ChordOptions, model_a
     quantization = set_model_loading(script_args, training_args, model_args)
     processing_class = load_processing_class(model_path, model_args, training_args)
     eval_expert_dataset = load_expert_sources(
-        script_args.chord_eval_sft_dataset, script_args.chord_sft_dataset_config, script_args.chord_eval_sft_dataset_split
+        script_args.chord_eval_sft_dataset,
+        script_args.chord_sft_dataset_config,
+        script_args.chord_eval_sft_dataset_split,
     )
     trainer = trainer_class(
         model=model_path,
