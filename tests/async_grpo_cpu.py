@@ -235,10 +235,11 @@ ASYNC_ARGS = dict(
 )
 
 
-def make_async_grpo_trainer(model_dir, args, expert_dataset=None, peft_config=None, chord=None):
+def make_async_grpo_trainer(model_dir, args, expert_dataset=None, peft_config=None, chord=None, **chord_kwargs):
     """
-    ChordAsyncGRPOTrainer (`chord`; by default for a CHORD config) or AsyncGRPOTrainer on `args`, with its own
-    in-process worker (`trainer.rollout_worker`, the same seed every time) and weight sync.
+    ChordAsyncGRPOTrainer (`chord`; by default for a CHORD config; `chord_kwargs`: its other arguments) or
+    AsyncGRPOTrainer on `args`, with its own in-process worker (`trainer.rollout_worker`, the same seed every time)
+    and weight sync.
     """
     from trl.experimental.async_grpo import AsyncGRPOTrainer
 
@@ -265,5 +266,5 @@ def make_async_grpo_trainer(model_dir, args, expert_dataset=None, peft_config=No
         peft_config=peft_config,
     )
     if chord if chord is not None else isinstance(args, ChordAsyncGRPOConfig):
-        return ChordAsyncGRPOTrainer(expert_dataset=expert_dataset, **trainer_kwargs)
+        return ChordAsyncGRPOTrainer(expert_dataset=expert_dataset, **chord_kwargs, **trainer_kwargs)
     return AsyncGRPOTrainer(**trainer_kwargs)

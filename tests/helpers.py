@@ -175,6 +175,42 @@ def expert_nll_gradient(
     return {name: param.grad.clone() for name, param in model.named_parameters()}
 
 
+def held_out_sources() -> dict[str, Dataset]:
+    """Two named held-out expert sources, 5 rows: on 2 processes, 2 per micro-batch, one runs an uncounted forward."""
+    return {"short": make_expert_dataset(2), "long": make_expert_dataset_of_lengths([3, 7, 1])}
+
+
+def held_out_oracle(model_dir, sources, mu: float, state_dict=None) -> dict[str, float]:
+    """The metrics from the model's logits (with `state_dict`'s weights, if given), one sequence at a time, written
+    out: the token means over every held-out row, and (one micro-batch, token mean) the effective mu, mu times the mean
+    CHORD-phi weight."""
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    log_probs = {}
+    with torch.no_grad():
+        for name, dataset in sources.items():
+            per_row = []
+            for example in dataset:
+                logits, targets = completion_logits(model, tokenizer, example)
+                per_row.append(logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1))
+            log_probs[name] = torch.cat(per_row).double()
+    every = torch.cat(list(log_probs.values()))
+    probs = every.exp()
+    oracle = {
+        "eval_chord/expert_nll": -every.mean().item(),
+        "eval_chord/expert_token_prob": probs.mean().item(),
+        "eval_chord/expert_tokens": float(every.numel()),
+        "eval_chord/expert_prob_below_0.1": (probs < 0.1).double().mean().item(),
+        "eval_chord/expert_prob_above_0.9": (probs > 0.9).double().mean().item(),
+        "eval_chord/effective_mu": mu * (probs * (1 - probs)).mean().item(),
+    }
+    for name, source_log_probs in log_probs.items():
+        oracle[f"eval_chord/expert_nll/{name}"] = -source_log_probs.mean().item()
+        oracle[f"eval_chord/expert_tokens/{name}"] = float(source_log_probs.numel())
+    return oracle
+
+
 @functools.cache
 def async_grpo_unavailable() -> str | None:
     """Why ChordAsyncGRPOTrainer cannot be imported here (TRL's AsyncGRPOTrainer needs transformers 5), or `None`."""

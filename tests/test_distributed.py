@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 from bounded_run import run_bounded
-from helpers import async_grpo_unavailable
+from helpers import async_grpo_unavailable, held_out_oracle, held_out_sources
 from transformers import AutoModelForCausalLM
 
 
@@ -434,3 +434,19 @@ def test_processes_whose_probes_disagree_take_the_same_head(tiny_model_dir, tmp_
     else:
         assert all("chord_expert_head='chunked' would not compute" in rank["error"] for rank in ranks), ranks
         assert "rank 1's borderline case" in ranks[1]["error"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [None, 3], ids=["ddp", "zero3"])
+def test_held_out_expert_metrics_on_two_processes_are_the_oracles(tiny_model_dir, tmp_path, zero_stage):
+    # 5 held-out rows, 2 per micro-batch: rank 0 evaluates 3 rows in 2 forwards, rank 1 2 rows and an uncounted forward
+    # (under ZeRO-3 every forward gathers the weights on both processes together)
+    extra = [] if zero_stage is None else ["--zero-stage", str(zero_stage)]
+    ranks = launch("torchrun", tiny_model_dir, tmp_path, "--held-out", "--max-steps", "2", *extra)
+    # Evaluated after each step, alike on both processes; the last evaluation saw the final weights
+    assert len(ranks[0]["held_out"]) == 2 and ranks[0]["held_out"] == ranks[1]["held_out"]
+    final_weights = torch.load(tmp_path / "weights.pt")
+    oracle = held_out_oracle(tiny_model_dir, held_out_sources(), mu=0.5, state_dict=final_weights)
+    del oracle["eval_chord/effective_mu"]  # the oracle's is one micro-batch's (tests/test_expert_eval.py)
+    last = ranks[0]["held_out"][-1]
+    assert {name: last[name] for name in oracle} == pytest.approx(oracle, rel=1e-5, abs=1e-7)

@@ -310,6 +310,29 @@ def test_recipe_mixes_several_expert_sources_in_the_given_proportions(tiny_model
         assert entry["chord/expert_nll/short"] > 0 and entry["chord/expert_nll/long"] > 0
 
 
+def test_recipe_reports_the_held_out_experts_at_each_evaluation_and_plots_them(tiny_model_dir, tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from trl_chord.recipes.chord import main
+
+    expert = write_jsonl(tmp_path / "experts.jsonl", sum_experts(range(4), lambda n: str(n + 1)))
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", sum_experts(range(10, 13), lambda n: str(n + 1)))
+    args = recipe_args(tiny_model_dir, tmp_path, "--chord_sft_dataset", expert, "--chord_eval_sft_dataset", held_out)
+    args += ["--max_steps", "2", "--eval_strategy", "steps", "--eval_steps", "1"]
+    plotted = []
+    plot = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "plot", lambda axis, *a, **k: plotted.append(k.get("label")) or plot(axis, *a, **k)
+    )
+    main(*parse_args(args))
+    entries = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [entry for entry in entries if "eval_chord/expert_nll" in entry]
+    # At steps 1 and 2, all 3 held-out examples: 4 tokens each (a one-digit answer takes 3, test above; these have 2)
+    assert [entry["step"] for entry in evaluations] == [1, 2]
+    assert all(entry["eval_chord/expert_tokens"] == 3 * 4 for entry in evaluations)
+    assert "held-out experts" in plotted
+
+
 def test_two_expert_sources_with_one_name_are_refused(tmp_path):
     from trl_chord.recipes.chord import load_expert_sources
 

@@ -46,14 +46,15 @@ class GRPOKind:
             processing_class=AutoTokenizer.from_pretrained(model_dir),
         )
 
-    def chord(self, model_dir, tmp_path, expert_dataset=None, **options):
-        """The CHORD trainer (`options`: `chord_*` options and the trainer's own), writing to `tmp_path / "out"`."""
+    def chord(self, model_dir, tmp_path, expert_dataset=None, trainer_kwargs=None, **options):
+        """The CHORD trainer (`options`: `chord_*` options and the trainer's own; `trainer_kwargs`: the trainer's
+        other arguments), writing to `tmp_path / "out"`."""
         args = self.config(self.chord_config_class, tmp_path / "out", **options)
-        return self.trainer_for(model_dir, args, expert_dataset)
+        return self.trainer_for(model_dir, args, expert_dataset, **(trainer_kwargs or {}))
 
-    def trainer_for(self, model_dir, args, expert_dataset=None):
+    def trainer_for(self, model_dir, args, expert_dataset=None, **trainer_kwargs):
         """The CHORD trainer on `args` (a CHORD config, or one it refuses)."""
-        return make_trainer(model_dir, args, expert_dataset)
+        return make_trainer(model_dir, args, expert_dataset, **trainer_kwargs)
 
     def record_rollouts(self, trainer) -> list:
         """The micro-steps at which the trainer generates rollouts."""
@@ -116,10 +117,10 @@ class AsyncGRPOKind(GRPOKind):
 
         return make_async_grpo_trainer(model_dir, self.config(self.trl_classes[0], tmp_path / "baseline", **overrides))
 
-    def trainer_for(self, model_dir, args, expert_dataset=None):
+    def trainer_for(self, model_dir, args, expert_dataset=None, **trainer_kwargs):
         from async_grpo_cpu import make_async_grpo_trainer
 
-        return make_async_grpo_trainer(model_dir, args, expert_dataset, chord=True)
+        return make_async_grpo_trainer(model_dir, args, expert_dataset, chord=True, **trainer_kwargs)
 
     def record_rollouts(self, trainer) -> list:
         """The policy version of each step's worth of rollouts the worker generated."""

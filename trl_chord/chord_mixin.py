@@ -29,6 +29,12 @@ from .expert_data import (
     prepare_expert_dataset,
     prepare_expert_sources,
 )
+from .expert_eval import (
+    eval_strategy_without_eval_dataset,
+    evaluate_held_out_experts_alone,
+    held_out_expert_metrics,
+    prepare_held_out_experts,
+)
 from .expert_head.choice import LMHeadProbe
 from .expert_head.forward import add_expert_loss_head, expert_loss
 from .expert_sampler import ExpertMixtureSampler, ExpertSampler
@@ -105,11 +111,22 @@ class ChordMixin:
     _generates_rollouts = True
     _paper = CHORD_PAPER
 
-    def __init__(self, model, reward_funcs=None, args=None, *trainer_args, expert_dataset=None, **trainer_kwargs):
+    def __init__(
+        self,
+        model,
+        reward_funcs=None,
+        args=None,
+        *trainer_args,
+        expert_dataset=None,
+        eval_expert_dataset=None,
+        **trainer_kwargs,
+    ):
         args = checked_chord_args(self._chord_config, args, model, self._name)
         self.mu_schedule = MuSchedule.from_options(args)
         expert_dataset = self._used_expert_dataset(expert_dataset, args)
-        super().__init__(model, reward_funcs, args, *trainer_args, **trainer_kwargs)
+        eval_dataset = trainer_kwargs.get("eval_dataset", trainer_args[1] if len(trainer_args) > 1 else None)
+        with eval_strategy_without_eval_dataset(args, waived=eval_expert_dataset is not None and eval_dataset is None):
+            super().__init__(model, reward_funcs, args, *trainer_args, **trainer_kwargs)
 
         self.add_callback(ChordMuCallback(self.mu_schedule))
         if self.mu_schedule.is_ever_positive():
@@ -118,7 +135,9 @@ class ChordMixin:
         self._logged_on_policy_skip = False
         self._chord_micro_steps = 0
         self._prepare_expert_data(expert_dataset, args)
-        if self.expert_dataset is not None:
+        self.held_out_experts = prepare_held_out_experts(self, eval_expert_dataset)
+        # The head also serves the held-out evaluation alone (the expert NLL of a plain GRPO run)
+        if self.expert_dataset is not None or self.held_out_experts is not None:
             add_expert_loss_head(
                 self.model.get_base_model() if is_peft_model(self.model) else self.model,
                 weighting=args.chord_token_weighting,
@@ -222,13 +241,17 @@ class ChordMixin:
         """The next expert micro-batch: token ids and masks, each example's source (with several sources), and the
         image inputs of its examples' images (for a vision-language policy)."""
         indices = self.expert_sampler.next_batch()
-        examples = [self.expert_dataset[index] for index in indices]
+        batch = self._collated_expert_batch([self.expert_dataset[index] for index in indices])
+        if self.expert_source_names is not None:
+            batch["source"] = torch.tensor([self.expert_sampler.source_of(index) for index in indices])
+        return {name: tensor.to(self.accelerator.device) for name, tensor in batch.items()}
+
+    def _collated_expert_batch(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        """Tokenized expert examples as one padded micro-batch on the device, with their images' inputs."""
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         batch = collate_expert_batch(examples, pad_token_id=tokenizer.pad_token_id)
         if isinstance(self.processing_class, ProcessorMixin):
             batch.update(collate_expert_images(examples, self.processing_class, batch["input_ids"].shape[1]))
-        if self.expert_source_names is not None:
-            batch["source"] = torch.tensor([self.expert_sampler.source_of(index) for index in indices])
         return {name: tensor.to(self.accelerator.device) for name, tensor in batch.items()}
 
     def _expert_model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -447,6 +470,21 @@ class ChordMixin:
         needs_chord_state = self.expert_sampler is not None
         resume_from_checkpoint = resolved_checkpoint(resume_from_checkpoint, self.args.output_dir, needs_chord_state)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """[`~transformers.Trainer.evaluate`], with the held-out expert metrics (`eval_chord/...`) of the
+        `eval_expert_dataset`; these alone where there is no `eval_dataset`."""
+        if self.held_out_experts is None or eval_dataset is not None or self.eval_dataset is not None:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        return evaluate_held_out_experts_alone(self, metric_key_prefix)
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix: str = "eval"
+    ):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if self.held_out_experts is not None:
+            output.metrics.update(held_out_expert_metrics(self, self.held_out_experts, metric_key_prefix))
+        return output
 
     def _save_rng_state(self, output_dir):
         # The expert sampler's position is data-order state, like the RNG states, and is written with them: before

@@ -79,6 +79,9 @@ def main():
     parser.add_argument("--joint-backward", action="store_true", help="one backward through both terms")
     parser.add_argument("--trainer", choices=["async_grpo", "grpo", "rloo"], default="grpo", help="on-policy trainer")
     parser.add_argument("--plain", action="store_true", help="TRL's own trainer, without CHORD (no chord_* options)")
+    parser.add_argument(
+        "--held-out", action="store_true", help="helpers.held_out_sources as eval_expert_dataset, evaluated every step"
+    )
     args = parser.parse_args()
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -86,6 +89,7 @@ def main():
         PLAIN_SGD,
         make_expert_dataset,
         make_expert_dataset_of_lengths,
+        held_out_sources,
         make_rl_prompts,
         odd_char_reward,
     )
@@ -126,6 +130,7 @@ def main():
         report_to="none",
         bf16=False,
         save_strategy="no",
+        **(dict(eval_strategy="steps", eval_steps=1) if args.held_out else {}),
         deepspeed=deepspeed,
         # Without a GPU, accelerate only sets up the gloo process group when asked for the CPU explicitly
         use_cpu=not torch.cuda.is_available(),
@@ -140,6 +145,8 @@ def main():
             if args.expert_lengths
             else make_expert_dataset(args.num_expert_examples)
         )
+    if args.held_out:
+        expert_options["eval_expert_dataset"] = held_out_sources()
     trainer = (plain_trainer_class if args.plain else chord_trainer_class)(
         model=args.model,
         reward_funcs=odd_char_reward,
@@ -188,6 +195,7 @@ def main():
         "generations": generations,
         "weights_sha256": digest,
         "backward_expert_term_first": None if args.plain else trainer.backward_expert_term_first,
+        "held_out": [entry for entry in trainer.state.log_history if "eval_chord/expert_nll" in entry],
     }
     with open(os.path.join(args.output, f"rank{rank}.json"), "w") as file:
         json.dump(result, file)

@@ -110,6 +110,12 @@ class ChordScriptArguments:
             Hub dataset configuration name of the expert demonstrations (every source).
         chord_sft_dataset_split (`str`, *optional*, defaults to `"train"`):
             Split of the expert demonstrations (every source).
+        chord_eval_sft_dataset (`list[str]`, *optional*):
+            Held-out expert demonstrations, given as `--chord_sft_dataset` is (one or several named sources, the same
+            `--chord_sft_dataset_config`): the trainer's `eval_expert_dataset`, whose `eval_chord/*` metrics each
+            evaluation reports (`--eval_strategy steps --eval_steps N`) and the plot draws beside the training curve.
+        chord_eval_sft_dataset_split (`str`, *optional*, defaults to `"train"`):
+            Split of the held-out expert demonstrations (a local file's only split is `"train"`).
         reward_funcs (`list[str]`, *optional*):
             Reward functions by name (see `REWARD_FUNCS`) or dotted import path (`my_module.my_reward`).
         heldout_eval_steps (`int`, *optional*, defaults to `25`):
@@ -141,6 +147,16 @@ class ChordScriptArguments:
         default=None, metadata={"help": "Hub configuration of the expert data."}
     )
     chord_sft_dataset_split: str = field(default="train", metadata={"help": "Split of the expert demonstrations."})
+    chord_eval_sft_dataset: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out expert demonstrations, as --chord_sft_dataset: their eval_chord/* metrics are reported "
+            "at each evaluation (--eval_strategy steps --eval_steps N)."
+        },
+    )
+    chord_eval_sft_dataset_split: str = field(
+        default="train", metadata={"help": "Split of the held-out expert demonstrations."}
+    )
     reward_funcs: list[str] | None = field(
         default=None,
         metadata={"help": f"Reward functions: names among {sorted(REWARD_FUNCS)} or dotted import paths."},
@@ -223,6 +239,11 @@ def check_trainer_options(script_args: ChordScriptArguments, model_args: ModelCo
         raise ValueError(
             "The built-in demo is CHORD's: LUFFY needs RL prompts that carry their expert completions (a column, "
             "`--luffy_expert_column`). Give --dataset_name and --model_name_or_path (`trl-chord --config math_luffy`)."
+        )
+    if script_args.trainer == "luffy" and script_args.chord_eval_sft_dataset is not None:
+        raise ValueError(
+            "--trainer luffy has no expert SFT term to evaluate: --chord_eval_sft_dataset is for the CHORD trainers "
+            "(--trainer chord_luffy for LUFFY with CHORD's term)."
         )
     if script_args.trainer == "async_grpo":
         # AsyncGRPOTrainer loads the model itself: with its packed attention, in its config's own `dtype`
@@ -320,12 +341,18 @@ def main(script_args: ChordScriptArguments, training_args: ChordOptions, model_a
         model_path = demo_model_path(training_args, builtin_task)
     quantization = set_model_loading(script_args, training_args, model_args)
     processing_class = load_processing_class(model_path, model_args, training_args)
+    eval_expert_dataset = load_expert_sources(
+        script_args.chord_eval_sft_dataset,
+        script_args.chord_sft_dataset_config,
+        script_args.chord_eval_sft_dataset_split,
+    )
     trainer = trainer_class(
         model=model_path,
         reward_funcs=reward_funcs,
         args=training_args,
         train_dataset=train_dataset,
         expert_dataset=expert_dataset,
+        **({} if eval_expert_dataset is None else {"eval_expert_dataset": eval_expert_dataset}),
         processing_class=processing_class,
         peft_config=get_peft_config(model_args),
         **quantization,
