@@ -29,12 +29,7 @@ from .expert_data import (
     prepare_expert_dataset,
     prepare_expert_sources,
 )
-from .expert_eval import (
-    eval_strategy_without_eval_dataset,
-    evaluate_held_out_experts_alone,
-    held_out_expert_metrics,
-    prepare_held_out_experts,
-)
+from .expert_eval import HeldOutExpertEvaluation, eval_strategy_without_eval_dataset, prepare_held_out_experts
 from .expert_head.choice import LMHeadProbe
 from .expert_head.forward import add_expert_loss_head, expert_loss
 from .expert_sampler import ExpertMixtureSampler, ExpertSampler
@@ -99,7 +94,7 @@ class ExpertTerm(NamedTuple):
     weighted: torch.Tensor
 
 
-class ChordMixin:
+class ChordMixin(HeldOutExpertEvaluation):
     """
     `loss = (1 - mu) * on_policy_loss + mu * sft_loss` on every training micro-step of a TRL online trainer, whose own
     `compute_loss` gives `on_policy_loss`. A CHORD trainer sets `_chord_config` (its config class), `_on_policy_term`
@@ -112,21 +107,14 @@ class ChordMixin:
     _paper = CHORD_PAPER
 
     def __init__(
-        self,
-        model,
-        reward_funcs=None,
-        args=None,
-        *trainer_args,
-        expert_dataset=None,
-        eval_expert_dataset=None,
-        **trainer_kwargs,
+        self, model, reward_funcs=None, args=None, *trainer_args, expert_dataset=None, eval_expert_dataset=None, **kwargs
     ):
         args = checked_chord_args(self._chord_config, args, model, self._name)
         self.mu_schedule = MuSchedule.from_options(args)
         expert_dataset = self._used_expert_dataset(expert_dataset, args)
-        eval_dataset = trainer_kwargs.get("eval_dataset", trainer_args[1] if len(trainer_args) > 1 else None)
+        eval_dataset = kwargs.get("eval_dataset", trainer_args[1] if len(trainer_args) > 1 else None)
         with eval_strategy_without_eval_dataset(args, waived=eval_expert_dataset is not None and eval_dataset is None):
-            super().__init__(model, reward_funcs, args, *trainer_args, **trainer_kwargs)
+            super().__init__(model, reward_funcs, args, *trainer_args, **kwargs)
 
         self.add_callback(ChordMuCallback(self.mu_schedule))
         if self.mu_schedule.is_ever_positive():
@@ -470,21 +458,6 @@ class ChordMixin:
         needs_chord_state = self.expert_sampler is not None
         resume_from_checkpoint = resolved_checkpoint(resume_from_checkpoint, self.args.output_dir, needs_chord_state)
         return super().train(resume_from_checkpoint, *args, **kwargs)
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """[`~transformers.Trainer.evaluate`], with the held-out expert metrics (`eval_chord/...`) of the
-        `eval_expert_dataset`; these alone where there is no `eval_dataset`."""
-        if self.held_out_experts is None or eval_dataset is not None or self.eval_dataset is not None:
-            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        return evaluate_held_out_experts_alone(self, metric_key_prefix)
-
-    def evaluation_loop(
-        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix: str = "eval"
-    ):
-        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
-        if self.held_out_experts is not None:
-            output.metrics.update(held_out_expert_metrics(self, self.held_out_experts, metric_key_prefix))
-        return output
 
     def _save_rng_state(self, output_dir):
         # The expert sampler's position is data-order state, like the RNG states, and is written with them: before

@@ -1,7 +1,7 @@
 """
 Held-out evaluation of the expert term: the policy's NLL, token probability, effective mu and fractions of implausible
 and near-certain tokens on expert demonstrations it does not train on, the sign of over-fitting to the experts.
-The trainer's glue is [`ChordMixin.evaluate`](chord_mixin); the metrics mean what the training ones mean
+The trainer's glue is [`HeldOutExpertEvaluation`], a base of `ChordMixin`; the metrics mean what the training ones mean
 ([`expert_term_metrics`]), over the whole held-out set.
 """
 
@@ -190,3 +190,24 @@ def evaluate_held_out_experts_alone(trainer, metric_key_prefix: str) -> dict[str
     trainer.control = trainer.callback_handler.on_evaluate(trainer.args, trainer.state, trainer.control, metrics)
     trainer._memory_tracker.stop_and_update_metrics(metrics)
     return metrics
+
+
+class HeldOutExpertEvaluation:
+    """The trainer's `evaluate` and `evaluation_loop` with the held-out expert metrics of its `held_out_experts`."""
+
+    held_out_experts: HeldOutExperts | None = None
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """[`~transformers.Trainer.evaluate`], with the held-out expert metrics (`eval_chord/...`) of the
+        `eval_expert_dataset`; these alone where there is no `eval_dataset`."""
+        if self.held_out_experts is None or eval_dataset is not None or self.eval_dataset is not None:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        return evaluate_held_out_experts_alone(self, metric_key_prefix)
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix: str = "eval"
+    ):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if self.held_out_experts is not None:
+            output.metrics.update(held_out_expert_metrics(self, self.held_out_experts, metric_key_prefix))
+        return output
