@@ -64,7 +64,8 @@ def test_adaptive_mu_needs_an_expert_dataset(tiny_model_dir, tmp_path):
 
 
 def test_metrics_are_logged(tiny_model_dir, tmp_path):
-    trainer = make_trainer(tiny_model_dir, chord_config(tmp_path, chord_mu_valley=0.3), make_expert_dataset())
+    args = chord_config(tmp_path, chord_mu_valley=0.3, chord_log_term_grad_norms=True)
+    trainer = make_trainer(tiny_model_dir, args, make_expert_dataset())
     trainer.train()
     entry = trainer.state.log_history[0]
     for key in (
