@@ -83,9 +83,9 @@ CHORD_OPTIONS_DOC = """
             Log `chord/expert_grad_norm` and `chord/<on-policy term>_grad_norm`, the norms of `mu * grad(L_SFT)` and
             `(1 - mu) * grad(L_on_policy)` of the micro-steps of each logged step, where the two terms have their own
             backwards (one device, DDP; not DeepSpeed, FSDP or LOMO). They cost a hook and a norm per trainable
-            parameter per backward of those micro-steps, a few percent of a plain SFT step at `logging_steps=1` on
-            the CPU benchmark's model (docs/performance.md gives the measured figure), more on smaller models. Off,
-            nothing is hooked.
+            parameter per backward of those micro-steps: 9% of a plain SFT step at `logging_steps=1` on the CPU
+            benchmark's model (95% interval 1% to 16%, docs/performance.md), more on smaller models. Off, nothing is
+            hooked.
 """
 
 
@@ -239,8 +239,8 @@ class ChordOptions:
         metadata={
             "help": "Log chord/expert_grad_norm and chord/<on-policy term>_grad_norm (each term's gradient norm) on "
             "logged steps, one device and DDP only. Costs a hook and a norm per trainable parameter per backward of "
-            "a logged step's micro-steps: a few percent of a plain SFT step at logging_steps=1 on the CPU "
-            "benchmark's model (docs/performance.md), more on smaller models."
+            "a logged step's micro-steps: 9% of a plain SFT step at logging_steps=1 on the CPU benchmark's "
+            "model (95% interval 1% to 16%, docs/performance.md), more on smaller models."
         },
     )
 
