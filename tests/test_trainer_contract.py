@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from helpers import (
     PLAIN_SGD,
     async_grpo_unavailable,
@@ -154,7 +155,9 @@ def test_mixed_update_is_the_weighted_sum_of_the_trl_trainers_and_the_expert_ter
     assert max(update.abs().max().item() for update in baseline_update.values()) > 1e-3
     # Both terms' logged losses: the on-policy one as the TRL trainer logs its own, and the loss is their mix
     entry, term = trainer.state.log_history[0], kind.term
-    assert entry[f"chord/{term}_loss"] == pytest.approx(baseline.state.log_history[0]["loss"], rel=1e-5, abs=1e-7)
+    # (transformers 4 logs the TRL trainer's `loss` to 4 decimals; the chord/* metrics are not rounded)
+    logged_to = 5e-5 if transformers.__version__.startswith("4.") else 1e-7
+    assert entry[f"chord/{term}_loss"] == pytest.approx(baseline.state.log_history[0]["loss"], rel=1e-5, abs=logged_to)
     mixed = (1 - mu) * entry[f"chord/{term}_loss"] + mu * entry["chord/sft_loss"]
     assert entry["loss"] == pytest.approx(mixed, rel=1e-5, abs=5e-5)
     assert (f"chord/{term}_grad_norm" in entry) == backward_first
