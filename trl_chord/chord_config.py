@@ -239,8 +239,8 @@ class ChordOptions:
         metadata={
             "help": "Log chord/expert_grad_norm and chord/<on-policy term>_grad_norm (each term's gradient norm) on "
             "logged steps, one device and DDP only. Costs a hook and a norm per trainable parameter per backward of "
-            "a logged step's micro-steps: 9% of a plain SFT step at logging_steps=1 on the CPU benchmark's "
-            "model (95% interval 1% to 16%, docs/performance.md), more on smaller models."
+            "a logged step's micro-steps: 0.09 of a plain SFT step at logging_steps=1 on the CPU benchmark's "
+            "model (95 percent interval 0.01 to 0.16, docs/performance.md), more on smaller models."
         },
     )
 
